@@ -1,0 +1,158 @@
+"""CAMANet experiment configs.
+
+Usage: ``--config=configs/camanet.py`` (embedded sample) or ``--config=configs/camanet.py:PRESET`` with
+PRESET one of ``iu_xray``, ``mimic_cxr``, ``base``, ``vdmae``. Every hyper-parameter of the official
+``run_iu.sh`` / ``run_mimic.sh`` (reference spec §1) lives here; nothing is hard-coded elsewhere.
+"""
+
+import ml_collections
+
+PRESETS = ("sample", "iu_xray", "mimic_cxr", "base", "vdmae")
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  preset = preset or "sample"
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r} for configs/camanet.py; choose one of {PRESETS}.")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 9233
+
+  # --- data (spec §2) -----------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cxr_sample"            # iu_xray | mimic_cxr | cxr_sample
+  c.data.data_dir = ""                  # R2Gen layout folder; "" = the embedded sample
+  c.data.annotation = "annotation.json"  # relative to data_dir
+  c.data.labels = "labels.json"         # relative to data_dir; "" = no labels
+  c.data.label_key = "id"               # "id" (MIMIC, sample) | "iu" (first two '-' pieces, spec §2.4)
+  c.data.num_views = 1                  # 2 for IU X-Ray
+  c.data.clean = "mimic"                # report cleaning rules: "iu" | "mimic" (spec §2.2)
+  c.data.threshold = 3                  # vocabulary min count
+  c.data.max_seq_length = 60            # ids incl. BOS, truncated after BOS/EOS
+  c.data.image_size = 224
+  c.data.resize = 256                   # train: shorter side -> resize, then random crop image_size
+  c.data.augment = "flip"               # "flip" (IU) | "rotate_scale" (MIMIC --randaug)
+  c.data.source = "folder"              # "folder" (direct Grain source) | "tfds" (ArrayRecord via TFDS)
+  c.data.tfds_dir = ""                  # "" = <workdir>/tfds
+  c.data.num_workers = 0                # Grain worker processes (0 = in-process)
+  c.data.on_bad_record = "error"        # "error" | "skip"
+
+  # --- model (spec §3-§6) -------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "camanet"
+  c.model.backbone = "densenet121"
+  c.model.growth_rate = 32
+  c.model.block_config = (6, 12, 24, 16)
+  c.model.num_init_features = 64
+  c.model.bn_size = 4
+  c.model.num_classes = 15              # sample: 15 findings; IU/MIMIC: 14 CheXpert observations
+  c.model.vocab_size = -1               # K = |vocab| + 1; filled from the tokenizer at start-up
+  c.model.d_model = 512
+  c.model.d_ff = 512
+  c.model.num_heads = 8
+  c.model.num_layers = 3
+  c.model.dropout = 0.1
+  c.model.drop_prob_lm = 0.5
+  c.model.rm_num_slots = 3
+  c.model.rm_num_heads = 8
+  c.model.rm_d_model = 512
+  c.model.use_vdmae = True              # discriminative token (FBL / VDMAE)
+  c.model.use_vtac = True               # VTAC consistency (MSE) loss
+  c.model.vtac_anchor = "official"      # "official": encoded first patch token (spec 5.6) | "paper": r*
+  c.model.topk = 0.25
+  c.model.layer_id = 2                  # decoder layer whose cross-attention VTAC uses
+  c.model.dtype = "float32"             # compute dtype: "float32" | "bfloat16" (params stay fp32)
+  c.model.remat = False                 # rematerialise DenseNet blocks
+
+  # --- loss (spec §7) -----------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.cls_w = 1.0
+  c.loss.mse_w = 0.15
+
+  # --- optimiser and schedule (spec §8) -----------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr_ve = 1e-3
+  c.optim.lr_ed = 2e-3
+  c.optim.weight_decay = 5e-5
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.amsgrad = True
+  c.optim.clip_value = 0.1
+  c.optim.warmup_epochs = 0
+  c.optim.warmup_lr = 1e-4
+  c.optim.decay_epochs = 50
+  c.optim.decay_rate = 0.8
+
+  # --- training loop ------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 30
+  c.train.batch_size = 32               # global batch (train, val and test)
+  c.train.early_stop = 10
+  c.train.keep_checkpoints = 3
+  c.train.log_every_steps = 10
+  c.train.eval_splits = ("val", "test")
+  c.train.max_eval_examples = -1        # -1 = whole split
+
+  # --- decoding (spec §9) -------------------------------------------------------------------
+  c.decode = ml_collections.ConfigDict()
+  c.decode.method = "beam"              # "beam" | "greedy"
+  c.decode.beam_size = 3
+  c.decode.cached = True                # incremental KV-cached decoder; False = full-prefix (original)
+
+  # --- devices ------------------------------------------------------------------------------
+  c.mesh_shape = (-1,)                  # sizes of the ("data",) mesh axis; -1 = all devices
+
+  if preset == "sample":
+    # Embedded real sample (219 one-view CXRs): finishes 2 epochs on 2 CPU cores in minutes.
+    c.train.epochs = 2
+    c.train.batch_size = 8
+    c.data.threshold = 2
+    c.data.max_seq_length = 60
+    c.model.topk = 0.25
+  elif preset in ("iu_xray", "base", "vdmae"):
+    c.seed = 2401
+    c.data.name = "iu_xray"
+    c.data.data_dir = "data/iu_xray"
+    c.data.label_key = "iu"
+    c.data.num_views = 2
+    c.data.clean = "iu"
+    c.data.threshold = 3
+    c.data.max_seq_length = 60
+    c.data.augment = "flip"
+    c.model.num_classes = 14
+    c.model.topk = 0.25
+    c.loss.cls_w = 1.0
+    c.loss.mse_w = 0.15
+    c.optim.lr_ve = 1e-3
+    c.optim.lr_ed = 2e-3
+    c.optim.warmup_epochs = 0
+    c.optim.warmup_lr = 1e-4
+    c.train.epochs = 30
+    c.train.batch_size = 32
+    if preset == "base":
+      c.model.use_vdmae = False
+      c.model.use_vtac = False
+    elif preset == "vdmae":
+      c.model.use_vtac = False
+  elif preset == "mimic_cxr":
+    c.seed = 456789
+    c.data.name = "mimic_cxr"
+    c.data.data_dir = "data/mimic_cxr"
+    c.data.label_key = "id"
+    c.data.num_views = 1
+    c.data.clean = "mimic"
+    c.data.threshold = 10
+    c.data.max_seq_length = 100
+    c.data.augment = "rotate_scale"
+    c.model.num_classes = 14
+    c.model.topk = 0.3
+    c.loss.cls_w = 1.0
+    c.loss.mse_w = 0.5
+    c.optim.lr_ve = 5e-5
+    c.optim.lr_ed = 1e-4
+    c.optim.warmup_epochs = 3
+    c.optim.warmup_lr = 5e-6
+    c.train.epochs = 30
+    c.train.batch_size = 64
+  return c

@@ -1,0 +1,95 @@
+"""Model checkpoints for inference: the format shared by ``convert``, ``train``, ``evaluate`` and ``generate``.
+
+An *inference checkpoint* is a directory::
+
+    DIR/config.json      the resolved ml_collections config (JSON)
+    DIR/vocab.json       the tokenizer vocabulary (input_pipeline.tokenizer.Tokenizer.save)
+    DIR/variables/       Orbax checkpoint of {"params": ..., "batch_stats": ...}
+
+A *training workdir* holds ``config.json`` + ``vocab.json`` at its top, its resumable train states under
+``DIR/checkpoints/`` (see ``rrg_jax.train``) and the best model, exported as an inference checkpoint, under
+``DIR/best/``. ``load_inference`` accepts either kind of directory.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+VARIABLES_DIR = "variables"
+BEST_DIR = "best"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint directory is missing, incomplete or does not match the config."""
+
+
+def write_config(directory: str | pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Writes the resolved config as ``DIR/config.json``; returns the path."""
+  path = pathlib.Path(directory) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  return path
+
+
+def read_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Reads ``DIR/config.json`` back into a ConfigDict (tuples come back as lists)."""
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise CheckpointError(f"{path} not found: {directory} is not an rrg_jax checkpoint directory.")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def save_inference(directory: str | pathlib.Path, config: ml_collections.ConfigDict,
+                   variables: dict[str, Any], tokenizer) -> pathlib.Path:
+  """Writes config, vocabulary and model variables as an inference checkpoint at ``directory``."""
+  directory = pathlib.Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  write_config(directory, config)
+  tokenizer.save(directory / VOCAB_FILE)
+  target = directory / VARIABLES_DIR
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, dict(variables), force=True)
+  return directory
+
+
+def resolve_inference_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """A training workdir resolves to its ``best/`` export; an inference checkpoint to itself."""
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise CheckpointError(f"Checkpoint {path} does not exist.")
+  if (path / VARIABLES_DIR).is_dir():
+    return path
+  if (path / BEST_DIR / VARIABLES_DIR).is_dir():
+    return path / BEST_DIR
+  raise CheckpointError(
+      f"{path} holds no model: expected {path / VARIABLES_DIR} (converted/exported checkpoint) or "
+      f"{path / BEST_DIR / VARIABLES_DIR} (training workdir with a best checkpoint).")
+
+
+def load_inference(path: str | pathlib.Path):
+  """Loads ``(config, variables, tokenizer)`` from an inference checkpoint or a training workdir."""
+  from input_pipeline.tokenizer import Tokenizer  # the input pipeline owns the vocabulary format
+
+  directory = resolve_inference_dir(path)
+  config = read_config(directory)
+  vocab = directory / VOCAB_FILE
+  if not vocab.is_file():
+    raise CheckpointError(f"{vocab} not found: the checkpoint has no vocabulary.")
+  tokenizer = Tokenizer.load(vocab)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(directory / VARIABLES_DIR)
+  if int(config.model.vocab_size) != tokenizer.vocab_size:
+    raise CheckpointError(
+        f"{directory}: config vocab_size {config.model.vocab_size} != vocabulary size "
+        f"{tokenizer.vocab_size} in {vocab}.")
+  return config, variables, tokenizer

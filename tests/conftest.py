@@ -1,0 +1,49 @@
+"""Shared test fixtures. Forces 4 host CPU devices so sharding tests can build multi-device meshes."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_config(preset: str = "", num_views: int = 1, vocab_size: int = 40, num_classes: int = 5):
+  """A CAMANet config small enough for CPU unit tests: 64x64 images, 1 layer, width 32."""
+  from configs import camanet
+
+  c = camanet.get_config(preset)
+  c.data.image_size = 64
+  c.data.resize = 72
+  c.data.num_views = num_views
+  m = c.model
+  m.growth_rate = 8
+  m.block_config = (1, 1, 1, 1)
+  m.num_init_features = 16
+  m.bn_size = 2
+  m.num_classes = num_classes
+  m.vocab_size = vocab_size
+  m.d_model = 32
+  m.d_ff = 32
+  m.num_heads = 4
+  m.num_layers = 1
+  m.rm_num_slots = 3
+  m.rm_num_heads = 4
+  m.rm_d_model = 32
+  m.layer_id = 0
+  c.train.batch_size = 4
+  return c
+
+
+@pytest.fixture
+def shared_dir() -> pathlib.Path:
+  if not SHARED.is_dir():
+    pytest.skip(f"{SHARED} (the workplace's shared/ folder) is not present")
+  return SHARED
