@@ -63,6 +63,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.layer_id = 2                  # decoder layer whose cross-attention VTAC uses
   c.model.dtype = "float32"             # compute dtype: "float32" | "bfloat16" (params stay fp32)
   c.model.remat = False                 # rematerialise DenseNet blocks
+  c.model.pretrained_backbone = ""      # torchvision densenet121 .pth (ImageNet) to start from; "" = random
 
   # --- loss (spec §7) -----------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -83,6 +84,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.optim.warmup_lr = 1e-4
   c.optim.decay_epochs = 50
   c.optim.decay_rate = 0.8
+  c.optim.frozen = ("fore_back_learn/back_norm",)  # param paths torch never updates (no grad, spec §4.6)
 
   # --- training loop ------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -91,6 +93,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.train.early_stop = 10
   c.train.keep_checkpoints = 3
   c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 0    # also save mid-epoch every N steps (0 = only at epoch ends)
   c.train.eval_splits = ("val", "test")
   c.train.max_eval_examples = -1        # -1 = whole split
 
