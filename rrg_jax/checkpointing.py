@@ -93,3 +93,60 @@ def load_inference(path: str | pathlib.Path):
         f"{directory}: config vocab_size {config.model.vocab_size} != vocabulary size "
         f"{tokenizer.vocab_size} in {vocab}.")
   return config, variables, tokenizer
+
+
+# --- resumable training state ---------------------------------------------------------------------------
+
+TRAIN_CHECKPOINTS_DIR = "checkpoints"
+
+
+class TrainCheckpointer:
+  """Orbax ``CheckpointManager`` over ``WORKDIR/checkpoints/<step>/`` with three items per step:
+
+  ``state``  the train state pytree (params, batch_stats, opt_state, step, rng), restored with its shardings;
+  ``data``   the Grain train iterator position (``grain.checkpoint``: one JSON per process);
+  ``meta``   JSON loop bookkeeping (epoch, batches done in the epoch, best score, early-stop counter, ...).
+
+  Saves are asynchronous (the next save / ``wait`` / ``close`` waits for the previous one); a step is only
+  listed once Orbax has finalised it, so a run killed mid-write resumes from the previous step.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int | None = 3, async_save: bool = True):
+    import grain  # the data-iterator item
+
+    self._grain = grain
+    self.directory = pathlib.Path(workdir).absolute() / TRAIN_CHECKPOINTS_DIR
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator, meta: dict[str, Any]) -> None:
+    """Starts saving ``step`` (returns once the arrays are copied to host; the write runs in background)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
+    """Restores the state (shapes, dtypes and shardings of ``abstract_state``) and moves ``data_iterator``
+    to the saved position in place; returns the state."""
+    if step not in self._manager.all_steps():
+      raise CheckpointError(f"No train checkpoint for step {step} in {self.directory}.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=self._grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored.state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
