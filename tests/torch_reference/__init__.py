@@ -1,0 +1,1 @@
+"""Independent PyTorch reference of CAMANet (reference spec), used only by the tests."""
