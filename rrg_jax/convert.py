@@ -1,0 +1,282 @@
+"""PyTorch CAMANet / torchvision DenseNet weights → Flax variables.
+
+CLI (official checkpoint → inference checkpoint)::
+
+  python -m rrg_jax.convert --torch model_best.pth --config configs/camanet.py:iu_xray \
+      --out checkpoints/camanet_iu [--annotation data/iu_xray/annotation.json]
+
+ImageNet initialisation for training: ``load_torchvision_densenet(path, variables)`` copies a local torchvision
+``densenet121`` file (``densenet121-a639ec97.pth``, old ``norm.1`` or new ``norm1`` key spelling) into the
+backbone of an existing variables tree (``config.model.pretrained_backbone`` names such a file).
+
+Naming rule (Flax names mirror the torch keys): split the key on '.', merge every numeric component onto the one
+before it with '_', join with '/'; the leaf ``weight`` becomes ``kernel`` (Linear: transposed; Conv: OIHW→HWIO),
+``scale`` (BatchNorm) or ``embedding`` (Embedding) according to the expected tree; ``running_mean``/
+``running_var`` go to ``batch_stats`` as ``mean``/``var``. The PE buffer, ``num_batches_tracked`` and the
+``fore_back_learn.norm`` alias of ``fore_norm`` have no Flax counterpart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import re
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+SKIPPED_KEYS = (
+    re.compile(r"(^|\.)num_batches_tracked$"),
+    re.compile(r"(^|\.)tgt_embed\.1\.pe$"),
+    re.compile(r"^fore_back_learn\.norm\.(gamma|beta)$"),
+)
+BACKBONE = ("visual_extractor", "model")
+# torchvision's old DenseNet spelling `denselayer1.norm.1.weight` → `denselayer1.norm1.weight`.
+_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+class ConversionError(ValueError):
+  """A state_dict does not match the Flax model, or a file is not a readable PyTorch checkpoint."""
+
+
+# --- reading .pth files ---------------------------------------------------------------------------------------
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads a ``.pth`` (bare state_dict or ``{'state_dict': ..., ...}``) safely into float numpy arrays.
+
+  Uses ``torch.load(weights_only=True)``: pickles that would run code are refused. A ``module.`` prefix
+  (DataParallel) is stripped.
+  """
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(f"Reading {path} needs PyTorch: pip install 'rrg-jax[torch]' (torch is only "
+                          "used to read .pth files).") from e
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConversionError(f"{path}: no such file.")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/hostile files
+    raise ConversionError(f"{path} is not a loadable PyTorch checkpoint (refused by torch.load with "
+                          f"weights_only=True): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping) or not obj or not all(
+      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict (a mapping of names to "
+                          "tensors, bare or under 'state_dict').")
+  if all(k.startswith("module.") for k in obj):
+    obj = {k[len("module."):]: v for k, v in obj.items()}
+  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+# --- mapping --------------------------------------------------------------------------------------------------
+
+def flax_path(torch_key: str) -> tuple[tuple[str, ...], str]:
+  """``a.layers.0.b.weight`` → (("a", "layers_0", "b"), "weight"): module path and torch leaf name."""
+  *mods, leaf = torch_key.split(".")
+  out: list[str] = []
+  for m in mods:
+    if m.isdigit() and out:
+      out[-1] = f"{out[-1]}_{m}"
+    else:
+      out.append(m)
+  return tuple(out), leaf
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, prefix + (k,)))
+    else:
+      flat[prefix + (k,)] = v
+  return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _target(mods: tuple[str, ...], leaf: str, expected: Mapping[tuple[str, ...], Any]):
+  """(flat expected path, transform) of one torch tensor; the path may be absent from ``expected``."""
+  if leaf in ("running_mean", "running_var"):
+    return ("batch_stats",) + mods + (leaf[len("running_"):],), None
+  if leaf == "weight":
+    for name in ("kernel", "scale", "embedding"):
+      path = ("params",) + mods + (name,)
+      if path in expected:
+        return path, name
+    return ("params",) + mods + ("kernel",), "kernel"
+  return ("params",) + mods + (leaf,), None
+
+
+def _transform(x: np.ndarray, kind: str | None) -> np.ndarray:
+  if kind == "kernel" and x.ndim == 4:
+    return x.transpose(2, 3, 1, 0)  # OIHW → HWIO
+  if kind == "kernel" and x.ndim == 2:
+    return x.T
+  return x
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any],
+                            source: str = "state_dict") -> dict[str, Any]:
+  """Maps a torch state_dict onto the structure of ``expected`` ({"params", "batch_stats"} of arrays or
+  ShapeDtypeStructs). Raises ONE ConversionError listing every missing, unexpected and mis-shaped key."""
+  flat_expected = _flatten({k: expected[k] for k in ("params", "batch_stats") if k in expected})
+  out: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected, misshaped, misshaped_paths = [], [], set()
+  for key, value in state_dict.items():
+    if any(p.search(key) for p in SKIPPED_KEYS):
+      continue
+    mods, leaf = flax_path(key)
+    path, kind = _target(mods, leaf, flat_expected)
+    if path not in flat_expected:
+      unexpected.append(f"{key} (→ {'/'.join(path)})")
+      continue
+    value = _transform(np.asarray(value), kind)
+    want = tuple(flat_expected[path].shape)
+    if value.shape != want:
+      misshaped.append(f"{key} {tuple(np.shape(state_dict[key]))} → {'/'.join(path)} {value.shape}, "
+                       f"expected {want}")
+      misshaped_paths.add(path)
+      continue
+    out[path] = value.astype(flat_expected[path].dtype)
+  missing = ["/".join(p) for p in flat_expected if p not in out and p not in misshaped_paths]
+  if missing or unexpected or misshaped:
+    lines = [f"{source} does not match the Flax model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+      if items:
+        lines.append(f"  {len(items)} {title}:")
+        lines.extend(f"    {i}" for i in items)
+    raise ConversionError("\n".join(lines))
+  variables = _unflatten(out)
+  return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
+
+
+def torchvision_to_backbone_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """torchvision ``densenet121`` keys (``features.*``, old or new spelling; ``classifier.*`` dropped) →
+  CAMANet backbone keys ``visual_extractor.model.*``."""
+  out = {}
+  for key, value in state_dict.items():
+    if key.startswith("classifier."):
+      continue
+    m = _OLD_DENSENET.match(key)
+    if m:
+      key = m.group(1) + m.group(2)
+    if key.startswith("features."):
+      key = key[len("features."):]
+    out["visual_extractor.model." + key] = value
+  return out
+
+
+def load_torchvision_densenet(path: str | pathlib.Path, variables: Mapping[str, Any]) -> dict[str, Any]:
+  """Returns ``variables`` with the DenseNet backbone (params + BN stats) replaced by a local torchvision
+  ImageNet file; the backbone configuration must match the file (refuses with all differing keys)."""
+  sub = {c: {BACKBONE[0]: {BACKBONE[1]: variables[c][BACKBONE[0]][BACKBONE[1]]}} for c in ("params", "batch_stats")}
+  loaded = state_dict_to_variables(torchvision_to_backbone_state_dict(load_state_dict(path)), sub, str(path))
+  new = {c: dict(v) for c, v in variables.items()}
+  for c in ("params", "batch_stats"):
+    new[c][BACKBONE[0]] = {**variables[c][BACKBONE[0]], BACKBONE[1]: loaded[c][BACKBONE[0]][BACKBONE[1]]}
+  return new
+
+
+# --- the CLI --------------------------------------------------------------------------------------------------
+
+def load_config(spec: str):
+  """``path/to/config.py[:preset]`` → ConfigDict (the ml_collections config_flags convention)."""
+  file, _, preset = spec.partition(":")
+  path = pathlib.Path(file)
+  if not path.is_file():
+    raise ConversionError(f"Config file {path} not found.")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def expected_variables(model_config, num_views: int, image_size: int, max_seq_length: int) -> dict[str, Any]:
+  """Shapes/dtypes of ``model.init`` for ``model_config`` (no computation)."""
+  import jax
+  import jax.numpy as jnp
+  from rrg_jax import models
+
+  model = models.get_model(model_config)
+  images = jax.ShapeDtypeStruct((1, num_views, image_size, image_size, 3), jnp.float32)
+  targets = jax.ShapeDtypeStruct((1, max_seq_length), jnp.int32)
+  masks = jax.ShapeDtypeStruct((1, max_seq_length), jnp.float32)
+  rng = jax.random.key(0)
+  return jax.eval_shape(lambda i, t, m: model.init({"params": rng, "dropout": rng}, i, t, m, train=False),
+                        images, targets, masks)
+
+
+def build_tokenizer(annotation: str | pathlib.Path, config):
+  """The vocabulary of the official code: built from the annotation's train split (spec §2.2)."""
+  from input_pipeline.tokenizer import Tokenizer
+
+  path = pathlib.Path(annotation)
+  try:
+    train = json.loads(path.read_text())["train"]
+    reports = [r["report"] for r in train]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ConversionError(f"{path} is not an R2Gen annotation.json with a 'train' list of records with "
+                          f"'report': {e!r}") from e
+  return Tokenizer.build(reports, threshold=config.data.threshold, clean=config.data.clean)
+
+
+def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
+            annotation: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Official ``.pth`` → inference checkpoint at ``out`` (config.json + vocab.json + variables/)."""
+  from rrg_jax import checkpointing
+
+  state_dict = load_state_dict(torch_path)
+  if "encoder_decoder.logit.weight" not in state_dict:
+    raise ConversionError(f"{torch_path} has no 'encoder_decoder.logit.weight': not a CAMANet state_dict.")
+  vocab_size = int(state_dict["encoder_decoder.logit.weight"].shape[0])
+  if annotation is None:
+    annotation = pathlib.Path(config.data.data_dir) / config.data.annotation
+  if not pathlib.Path(annotation).is_file():
+    raise ConversionError(f"Annotation {annotation} not found: the vocabulary is rebuilt from its train split; "
+                          "pass --annotation PATH.")
+  tokenizer = build_tokenizer(annotation, config)
+  if tokenizer.vocab_size != vocab_size:
+    raise ConversionError(f"{torch_path} has {vocab_size} output classes but the vocabulary built from "
+                          f"{annotation} (threshold {config.data.threshold}) has {tokenizer.vocab_size}.")
+  config = config.copy_and_resolve_references()
+  config.model.vocab_size = vocab_size
+  expected = expected_variables(config.model, config.data.num_views, config.data.image_size,
+                                config.data.max_seq_length)
+  variables = state_dict_to_variables(state_dict, expected, str(torch_path))
+  return checkpointing.save_inference(out, config, variables, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m rrg_jax.convert", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--torch", required=True, help="official CAMANet .pth (model_best.pth)")
+  parser.add_argument("--config", required=True, help="configs/camanet.py:PRESET")
+  parser.add_argument("--out", required=True, help="output inference checkpoint directory")
+  parser.add_argument("--annotation", default=None,
+                      help="annotation.json whose train split defines the vocabulary "
+                           "(default: config data_dir/annotation)")
+  args = parser.parse_args(argv)
+  try:
+    out = convert(args.torch, load_config(args.config), args.out, args.annotation)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
