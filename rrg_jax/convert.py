@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import pickle
 import re
 import sys
 from typing import Any, Mapping
@@ -60,9 +61,14 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: no such file.")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/hostile files
-    raise ConversionError(f"{path} is not a loadable PyTorch checkpoint (refused by torch.load with "
-                          f"weights_only=True): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  except pickle.UnpicklingError as e:
+    detail = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
+    raise ConversionError(f"{path} was refused: it pickles objects other than tensors and plain containers "
+                          f"(code could run on load), so it is not read. {detail}".strip()) from e
+  except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise ConversionError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                          f"{type(e).__name__}: {first}") from e
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping) or not obj or not all(
