@@ -235,3 +235,19 @@ def test_missing_torch_gives_clear_error(monkeypatch, tmp_path):
   monkeypatch.setattr(builtins, "__import__", no_torch)
   with pytest.raises(convert.ConversionError, match="needs PyTorch"):
     convert.load_state_dict(tmp_path / "x.pth")
+
+
+def test_reference_state_dict_layout_matches_spec():
+  """The torch reference reproduces the official state_dict (spec §11): 957 entries, 42,421,383 parameters."""
+  c = tiny_config("iu_xray").model
+  full = type(c)(dict(c, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
+                      num_classes=14, vocab_size=761, d_model=512, d_ff=512, num_heads=8, num_layers=3,
+                      rm_num_heads=8, rm_d_model=512, layer_id=2))
+  sd = ref.CAMANet(full).state_dict()
+  assert len(sd) == 957
+  assert sum(k.startswith("visual_extractor.model.") for k in sd) == 725
+  assert sum(v.numel() for k, v in sd.items() if not (k.endswith(("running_mean", "running_var", "pe"))
+             or "num_batches" in k or k.startswith("fore_back_learn.norm."))) == 42_421_383
+  assert sd["encoder_decoder.model.decoder.layers.2.sublayer.1.norm.mlp_gamma.0.weight"].shape == (512, 1536)
+  assert sd["encoder_decoder.model.rm.W.weight"].shape == (1024, 512)
+  assert sd["visual_extractor.model.denseblock3.denselayer24.conv1.weight"].shape == (128, 992, 1, 1)
