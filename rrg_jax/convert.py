@@ -186,11 +186,35 @@ def torchvision_to_backbone_state_dict(state_dict: Mapping[str, np.ndarray]) -> 
   return out
 
 
-def load_torchvision_densenet(path: str | pathlib.Path, variables: Mapping[str, Any]) -> dict[str, Any]:
-  """Returns ``variables`` with the DenseNet backbone (params + BN stats) replaced by a local torchvision
-  ImageNet file; the backbone configuration must match the file (refuses with all differing keys)."""
+def _backbone_shapes(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The Flax backbone tree a DenseNet state_dict implies (4-D weight = conv kernel, 1-D weight = BN scale)."""
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  for key, value in state_dict.items():
+    if any(p.search(key) for p in SKIPPED_KEYS):
+      continue
+    mods, leaf = flax_path(key)
+    shape = np.shape(value)
+    if leaf == "weight":
+      leaf, shape = ("kernel", (shape[2], shape[3], shape[1], shape[0])) if len(shape) == 4 else ("scale", shape)
+    path, _ = _target(mods, leaf, {})
+    flat[path] = np.broadcast_to(np.float32(0), shape)  # shape/dtype only, no memory
+  return _unflatten(flat)
+
+
+def load_torchvision_densenet(path: str | pathlib.Path, variables: Mapping[str, Any] | None = None
+                              ) -> dict[str, Any]:
+  """Local torchvision ImageNet DenseNet file → Flax backbone weights.
+
+  With ``variables`` (a full CAMANet tree): returns it with ``visual_extractor/model`` params and batch stats
+  replaced; the backbone configuration must match the file (refuses listing all differing keys).
+  Without: returns ``{"params": backbone, "batch_stats": backbone}`` (the ``visual_extractor/model`` subtrees).
+  """
+  state_dict = torchvision_to_backbone_state_dict(load_state_dict(path))
+  if variables is None:
+    loaded = state_dict_to_variables(state_dict, _backbone_shapes(state_dict), str(path))
+    return {c: loaded[c][BACKBONE[0]][BACKBONE[1]] for c in ("params", "batch_stats")}
   sub = {c: {BACKBONE[0]: {BACKBONE[1]: variables[c][BACKBONE[0]][BACKBONE[1]]}} for c in ("params", "batch_stats")}
-  loaded = state_dict_to_variables(torchvision_to_backbone_state_dict(load_state_dict(path)), sub, str(path))
+  loaded = state_dict_to_variables(state_dict, sub, str(path))
   new = {c: dict(v) for c, v in variables.items()}
   for c in ("params", "batch_stats"):
     new[c][BACKBONE[0]] = {**variables[c][BACKBONE[0]], BACKBONE[1]: loaded[c][BACKBONE[0]][BACKBONE[1]]}

@@ -216,6 +216,9 @@ def test_torchvision_densenet_spellings(tmp_path, old):
                                 feats.transition3.conv.weight.detach().numpy()[:, :, 0, 0].T)
   np.testing.assert_array_equal(v["batch_stats"]["visual_extractor"]["model"]["norm5"]["var"],
                                 feats.norm5.running_var.numpy())
+  alone = convert.load_torchvision_densenet(tmp_path / "densenet.pth")  # train.py's form: backbone subtrees
+  jax.tree.map(np.testing.assert_array_equal, alone,
+               {c: v[c]["visual_extractor"]["model"] for c in ("params", "batch_stats")})
   sd.pop(next(k for k in sd if k.endswith("norm5.running_mean")))
   torch.save(sd, tmp_path / "broken.pth")
   with pytest.raises(convert.ConversionError, match="norm5/mean"):
