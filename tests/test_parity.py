@@ -1,0 +1,211 @@
+"""Numerical parity: torch reference (random weights) → state_dict → rrg_jax.convert → Flax CAMANet.
+
+Eval mode end to end, train mode with every dropout rate 0 (BN batch statistics): losses, gradients and updated
+BN running statistics; VTAC top-k counts; beam search token identity. float32, highest matmul precision
+(tests/conftest.py). Every comparison prints ``PARITY <name> max_abs=... rel=...`` (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import camanet as camanet_config
+from conftest import tiny_config
+from rrg_jax import convert
+from torch_reference import camanet as ref
+
+torch.set_default_dtype(torch.float32)
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+def check(name: str, got, want, *, rtol: float | None = None, atol: float | None = None) -> float:
+  """Asserts max|got − want| ≤ atol, or ≤ rtol·max|want|; prints and returns the measured max abs diff."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+  scale = float(np.max(np.abs(want))) if want.size else 0.0
+  rel = diff / max(scale, 1e-30)
+  print(f"PARITY {name}: max_abs={diff:.3e} rel={rel:.3e} (max|ref|={scale:.3e})")
+  if atol is not None:
+    assert diff <= atol, f"{name}: max abs diff {diff:.3e} > {atol:.1e}"
+  if rtol is not None:
+    assert rel <= rtol, f"{name}: relative diff {rel:.3e} > {rtol:.1e} (max abs {diff:.3e})"
+  return diff
+
+
+def full_config(preset: str, vocab_size: int):
+  """The preset's full-size model with a given vocabulary size."""
+  c = camanet_config.get_config(preset)
+  c.model.vocab_size = vocab_size
+  return c
+
+
+def make_batch(config, lengths: list[int], seed: int):
+  """Numpy batch padded to ``max_seq_length``: images (B, V, H, W, 3), targets/masks (B, T), labels (B, C).
+  ``lengths`` are len(ids) incl. BOS (and EOS unless truncated at T)."""
+  rng = np.random.default_rng(seed)
+  b, t, k = len(lengths), config.data.max_seq_length, config.model.vocab_size
+  images = rng.normal(size=(b, config.data.num_views, config.data.image_size, config.data.image_size, 3))
+  targets = np.zeros((b, t), np.int32)
+  masks = np.zeros((b, t), np.float32)
+  for i, n in enumerate(lengths):
+    targets[i, 1:n] = rng.integers(1, k, size=n - 1)
+    if n < t:
+      targets[i, n - 1] = 0  # EOS
+    masks[i, :n] = 1
+  labels = (rng.random((b, config.model.num_classes)) < 0.3).astype(np.float32)
+  labels[0] = 0  # one sample without positives: excluded from the MSE
+  labels[1, 0] = 1
+  return dict(images=images.astype(np.float32), targets=targets, masks=masks, labels=labels)
+
+
+def torch_inputs(batch):
+  """The official collate: images (B, V, 3, H, W); targets/masks cut to the batch's own length T_b."""
+  t_b = int(batch["masks"].sum(1).max())
+  return (torch.from_numpy(batch["images"]).permute(0, 1, 4, 2, 3).contiguous(),
+          torch.from_numpy(batch["targets"][:, :t_b]).long(), torch.from_numpy(batch["masks"][:, :t_b]),
+          torch.from_numpy(batch["labels"]))
+
+
+def make_torch_model(config, batch, seed: int) -> ref.CAMANet:
+  """Reference with random weights, moved norms and BN running stats calibrated on the batch."""
+  torch.manual_seed(seed)
+  model = ref.CAMANet(config.model)
+  ref.init_weights_(model)
+  ref.randomize_norms_(model, torch.Generator().manual_seed(seed + 1))
+  ref.calibrate_bn_(model, torch_inputs(batch)[0])
+  with torch.no_grad():  # make EOS likely enough that beams end at different lengths
+    model.encoder_decoder.logit.bias[0] += 2.0
+  return model
+
+
+def to_flax(model: ref.CAMANet, config):
+  from rrg_jax import models
+
+  expected = convert.expected_variables(config.model, config.data.num_views, config.data.image_size,
+                                        config.data.max_seq_length)
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  variables = jax.tree.map(jnp.asarray, convert.state_dict_to_variables(sd, expected))
+  return models.get_model(config.model), variables
+
+
+def torch_grads_as_flax(model: ref.CAMANet, params_shapes) -> dict:
+  """Torch gradients keyed like the state_dict (alias-preserving), mapped onto the Flax params tree."""
+  grads = {}
+  for name, p in model.named_parameters(remove_duplicate=False):
+    grads[name] = (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+  return convert.state_dict_to_variables(grads, {"params": params_shapes})["params"]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- eval mode ------------------------------------------------------------------------------------------------
+
+def eval_parity(config, lengths, seed, *, rtol=1e-5, logp_atol=1e-4):
+  batch = make_batch(config, lengths, seed)
+  tmodel = make_torch_model(config, batch, seed).eval()
+  images, targets, _, _ = torch_inputs(batch)
+  with torch.no_grad():
+    want = tmodel(images, targets)
+  fmodel, variables = to_flax(tmodel, config)
+  out = fmodel.apply(variables, batch["images"], batch["targets"], batch["masks"], train=False)
+  enc = fmodel.apply(variables, batch["images"], method=fmodel.encode)
+  l = targets.shape[1] - 1
+  check("patch_feats", enc["patch_feats"], want["patch_feats"], rtol=rtol)
+  check("memory", enc["memory"], want["henc"][:, 1:], rtol=rtol)
+  check("logits", out["logits"], want["logits"], rtol=rtol)
+  check("cams", out["cams"], want["cams"], rtol=rtol)
+  check("vdm", out["vdm"], want["vdm"], rtol=rtol)
+  check("tdm", out["tdm"], want["tdm"], rtol=rtol)
+  check("logprobs", np.asarray(out["logprobs"])[:, :l], want["logprobs"], atol=logp_atol)
+
+
+@pytest.mark.parametrize("num_views", [1, 2])
+def test_eval_parity_tiny(num_views):
+  eval_parity(tiny_config(num_views=num_views), [12, 60, 7, 30], seed=num_views)
+
+
+@pytest.mark.slow
+def test_eval_parity_full_iu():
+  eval_parity(full_config("iu_xray", 761), [45, 60], seed=10)
+
+
+@pytest.mark.slow
+def test_eval_parity_full_mimic():
+  eval_parity(full_config("mimic_cxr", 500), [100, 31], seed=11)
+
+
+# --- train mode, dropout 0 -------------------------------------------------------------------------------------
+
+def train_parity(config, lengths, seed):
+  from rrg_jax import losses
+
+  config.model.dropout = 0.0
+  config.model.drop_prob_lm = 0.0
+  batch = make_batch(config, lengths, seed)
+  tmodel = make_torch_model(config, batch, seed)
+  ref.set_dropout_(tmodel, 0.0)
+  fmodel, variables = to_flax(tmodel, config)
+  tmodel.train()
+  images, targets, masks, labels = torch_inputs(batch)
+  want = ref.losses(tmodel(images, targets), targets, masks, labels, config.loss.cls_w, config.loss.mse_w)
+  want["loss"].backward()
+  want_stats = convert.state_dict_to_variables(
+      {k: v.numpy() for k, v in tmodel.state_dict().items()},
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables))["batch_stats"]
+
+  def loss_fn(params):
+    out, state = fmodel.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["images"],
+                              batch["targets"], batch["masks"], train=True, rngs={"dropout": jax.random.key(0)},
+                              mutable=["batch_stats"])
+    terms = losses.camanet_losses(out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w)
+    return terms["loss"], (terms, state)
+
+  grads, (terms, state) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+  for name in ("ce", "bce", "mse", "loss"):
+    check(f"loss/{name}", terms[name], want[name].item(), rtol=1e-5)
+  want_grads = flat(torch_grads_as_flax(tmodel, variables["params"]))
+  worst = 0.0
+  for path, g in flat(grads).items():
+    w = want_grads[path]
+    norm = np.linalg.norm(w)
+    rel = np.linalg.norm(g - w) / norm if norm > 0 else np.linalg.norm(g)
+    worst = max(worst, rel)
+    assert rel <= 1e-4, f"grad {path}: ||g_jax − g_torch||/||g_torch|| = {rel:.3e} (||g_torch|| = {norm:.3e})"
+  print(f"PARITY grads: worst leaf-wise relative norm diff {worst:.3e} over {len(want_grads)} leaves")
+  stats = flat(state["batch_stats"])
+  for path, w in flat(want_stats).items():
+    check(f"batch_stats/{path}", stats[path], w, atol=1e-5)
+
+
+def test_train_parity_tiny_two_views():
+  train_parity(tiny_config(num_views=2), [12, 60, 7, 30], seed=3)
+
+
+def test_train_parity_tiny_one_view():
+  train_parity(tiny_config(num_views=1), [5, 21, 60, 9], seed=4)
+
+
+@pytest.mark.slow
+def test_train_parity_full_iu():
+  train_parity(full_config("iu_xray", 761), [45, 60], seed=12)
+
+
+# --- VTAC top-k counts ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("topk", [0.25, 0.3])
+@pytest.mark.parametrize("length", [50, 90])
+def test_vtac_topk_counts(topk, length):
+  """Spec §6.4: m_b = ceil(float32(len·topk)) capped by int(topk·L_batch); 0.3·50 → 16 and 0.3·90 → 28."""
+  k_batch, m, _ = ref.vtac_counts(torch.tensor([[0] + [5] * (length - 1) + [0], [0] * 4 + [0] * (length - 3)]),
+                                  topk)
+  assert int(m[0]) == {(0.25, 50): 13, (0.25, 90): 23, (0.3, 50): 16, (0.3, 90): 28}[(topk, length)]
+  assert k_batch == int(topk * length)
