@@ -254,3 +254,64 @@ def test_reference_state_dict_layout_matches_spec():
   assert sd["encoder_decoder.model.decoder.layers.2.sublayer.1.norm.mlp_gamma.0.weight"].shape == (512, 1536)
   assert sd["encoder_decoder.model.rm.W.weight"].shape == (1024, 512)
   assert sd["visual_extractor.model.denseblock3.denselayer24.conv1.weight"].shape == (128, 992, 1, 1)
+
+
+REPORTS = ["the heart is normal .", "the lungs are clear .", "no effusion . the heart is enlarged .",
+           "lungs are clear . no pneumothorax ."]
+
+
+def _tiny_checkpoint(tmp_path, vocab_delta: int = 0):
+  """A tiny torch reference whose vocabulary matches an annotation built here; returns (config, pth, annot)."""
+  from input_pipeline.tokenizer import Tokenizer
+
+  config = tiny_config()
+  config.data.threshold = 1
+  annotation = tmp_path / "annotation.json"
+  annotation.write_text(json.dumps({"train": [{"id": str(i), "report": r, "image_path": ["x.png"],
+                                               "split": "train"} for i, r in enumerate(REPORTS)],
+                                    "val": [], "test": []}))
+  config.model.vocab_size = Tokenizer.build(REPORTS, threshold=1, clean=config.data.clean).vocab_size + vocab_delta
+  torch.manual_seed(0)
+  model = ref.CAMANet(config.model)
+  ref.randomize_norms_(model, torch.Generator().manual_seed(3))
+  torch.save({"state_dict": model.state_dict(), "epoch": 7}, tmp_path / "model_best.pth")
+  return config, model, tmp_path / "model_best.pth", annotation
+
+
+def test_cli_writes_inference_checkpoint(tmp_path):
+  pytest.importorskip("rrg_jax.models.camanet")
+  from rrg_jax import checkpointing
+
+  config, model, pth, annotation = _tiny_checkpoint(tmp_path)
+  cfg_file = tmp_path / "tiny_cfg.py"
+  cfg_file.write_text("from conftest import tiny_config\n\n\ndef get_config(preset=''):\n"
+                      "  c = tiny_config()\n  c.data.threshold = 1\n  return c\n")
+  assert convert.main(["--torch", str(pth), "--config", f"{cfg_file}:x", "--out", str(tmp_path / "ckpt"),
+                       "--annotation", str(annotation)]) == 0
+  loaded_config, variables, tokenizer = checkpointing.load_inference(tmp_path / "ckpt")
+  assert loaded_config.model.vocab_size == config.model.vocab_size == tokenizer.vocab_size
+  np.testing.assert_array_equal(np.asarray(variables["params"]["encoder_decoder"]["model"]["tgt_embed_0"]["lut"][
+      "embedding"]), model.encoder_decoder.model.tgt_embed[0].lut.weight.detach().numpy())
+  np.testing.assert_array_equal(
+      np.asarray(variables["batch_stats"]["visual_extractor"]["model"]["denseblock4"]["denselayer1"]["norm1"][
+          "var"]), model.visual_extractor.model.denseblock4.denselayer1.norm1.running_var.numpy())
+  expected = convert.expected_variables(config.model, 1, 64, 60)
+  assert jax.tree.structure(expected) == jax.tree.structure(variables)
+  assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(lambda x: np.shape(x), variables)
+
+
+def test_vocab_size_mismatch_is_refused(tmp_path):
+  pytest.importorskip("rrg_jax.models.camanet")
+  config, _, pth, annotation = _tiny_checkpoint(tmp_path, vocab_delta=3)
+  with pytest.raises(convert.ConversionError, match="output classes but the vocabulary"):
+    convert.convert(pth, config, tmp_path / "out", annotation)
+
+
+def test_flax_backbone_matches_spec_shapes():
+  pytest.importorskip("rrg_jax.models.camanet")
+  c = tiny_config().model
+  want = _densenet_shapes(c.growth_rate, c.block_config, c.num_init_features, c.bn_size)
+  got = convert.expected_variables(c, 1, 64, 60)
+  for col in ("params", "batch_stats"):
+    assert jax.tree.map(lambda x: x.shape, got[col]["visual_extractor"]["model"]) == jax.tree.map(
+        lambda x: x.shape, want[col]["visual_extractor"]["model"])
