@@ -209,3 +209,27 @@ def test_vtac_topk_counts(topk, length):
                                   topk)
   assert int(m[0]) == {(0.25, 50): 13, (0.25, 90): 23, (0.3, 50): 16, (0.3, 90): 28}[(topk, length)]
   assert k_batch == int(topk * length)
+
+
+def test_reference_vtac_hand_computed():
+  """s = cos(E_j, r) = [1, 0, 0.7071, −1]; top-2 rows {0, 2}; t = max(relu(s·a)); min-max over n."""
+  r = torch.tensor([[1.0, 0.0]])
+  emb = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+  attn = torch.tensor([[[[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.0, 0.0, 1.0]]]])
+  targets = torch.tensor([[0, 3, 4, 5, 0]])
+  t = np.array([0.5, 0.3, 0.8 / np.sqrt(2)])
+  np.testing.assert_allclose(ref.cam_attn_con(r, emb, attn, targets, 0.5)[0].numpy(), (t - 0.3) / (t.max() - 0.3),
+                             rtol=1e-6)
+
+
+def test_reference_vdm_hand_computed():
+  """Predicted classes {0, 2} (sigmoid ≥ 0.5); d_v = minmax(max over those classes' CAMs)."""
+  patch = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]])
+  cams = torch.tensor([[[1.0, 0.0, 2.0], [9.0, 9.0, 9.0], [0.0, 3.0, 1.0]]])
+  fbl = ref.ForeBackLearning(2)
+  fore_rep, fore_map = fbl(patch, cams, torch.tensor([[0.0, -0.1, 2.0]]))
+  d_v = np.array([0.0, 1.0, 0.5])  # max → [1, 3, 2] → minus 1 → / 2
+  np.testing.assert_allclose(fore_map[0].numpy(), d_v)
+  rep = d_v @ patch[0].numpy()  # [3.25, -0.75]
+  np.testing.assert_allclose(fore_rep[0, 0].detach().numpy(), (rep - rep.mean()) / (np.std(rep, ddof=1) + 1e-6),
+                             rtol=1e-6)
