@@ -56,7 +56,8 @@ def test_cleaning_quirks():
   # Quotes and slashes go; '..' collapses.
   assert clean_report_iu_xray('The "heart"/size\'s fine..') == "the heartsizes fine ."
   # MIMIC: newlines, runs of spaces and underscores; IU keeps the newline inside a token run.
-  assert clean_report_mimic_cxr("Heart\n\nnormal.   ___ Lungs clear.") == "heart normal . lungs clear ."
+  # (the '_' is deleted after the strip, so its space survives).
+  assert clean_report_mimic_cxr("Heart\n\nnormal.   ___ Lungs clear.") == "heart normal .  lungs clear ."
   assert clean_report_iu_xray("Heart\nnormal") == "heart\nnormal ."
 
 
