@@ -1,0 +1,304 @@
+"""Grain input pipeline: source → decode + transforms → static-shape batches → global sharded ``jax.Array``s.
+
+Public API::
+
+    build_tokenizer(config) -> Tokenizer                    # vocabulary of the train split (spec §2.2)
+    load_records(config, split) -> list[records.Record]     # validated records (folder source)
+    raw_source(config, split) -> Sequence[dict]              # raw examples, folder or TFDS (config.data.source)
+    steps_per_epoch(config) -> int                           # len(train) // config.train.batch_size
+    train_dataset(config, tokenizer, *, seed) -> grain.IterDataset   # endless train batches (epochs repeat)
+    eval_batches(config, tokenizer, split) -> Iterator[dict]          # one pass, in order, padded last batch
+    to_global_batch(batch, mesh) -> dict[str, jax.Array]     # host-local numpy batch → global P('data') arrays
+
+Batches (host-local numpy; ``Bl = config.train.batch_size // jax.process_count()``, ``V`` =
+``config.data.num_views``, ``S`` = ``config.data.image_size``, ``T`` = ``config.data.max_seq_length``,
+``C`` = ``config.model.num_classes``)::
+
+    images   float32 (Bl, V, S, S, 3)  ImageNet-normalised, NHWC
+    targets  int32   (Bl, T)           encode(report)[:T] = [0, w1..wn, 0] truncated, zero padded
+    masks    float32 (Bl, T)           1 on the first len(ids) positions
+    labels   float32 (Bl, C)
+    valid    bool    (Bl,)             eval only: False on the padding rows of the last batch
+    ids      list[str] (Bl)            host-only record ids ("" on padding rows); never pass it to jit
+
+Sources. ``config.data.source = "folder"`` reads the R2Gen folder ``config.data.data_dir`` directly
+(``""`` = the embedded sample); ``"tfds"`` reads the ArrayRecord files of the TFDS builder
+``config.data.name`` (``input_pipeline.tfds_builders``) from ``config.data.tfds_dir`` (``""`` =
+``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), preparing it from ``config.data.data_dir`` on first use (single
+process; multi-host runs prepare first with ``python -m input_pipeline.tfds_builders``). Both give identical
+examples in annotation order. No TensorFlow is needed.
+
+Determinism. Epoch ``e`` of training visits ``permutation_e = default_rng([seed, e]).permutation(N)``; the
+global batch ``b`` is ``permutation_e[b * B:(b + 1) * B]`` (the last partial batch dropped) and process ``i``
+takes its rows ``[i * Bl, (i + 1) * Bl)``. The random transforms of epoch position ``p`` use
+``default_rng([seed, e, p])``. A batch is therefore a pure function of its index: the same seed gives the same
+batches for any ``config.data.num_workers`` (Grain ``mp_prefetch`` processes) and process count, and the
+iterator's Grain state (``get_state``/``set_state``, ``grain.checkpoint``) resumes at the exact next batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from input_pipeline import records, transforms
+from input_pipeline.tokenizer import Tokenizer
+
+SOURCES = ("folder", "tfds")
+DATA_AXIS = "data"
+_ENDLESS = sys.maxsize // 2
+
+
+# --- records, sources and vocabulary ------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _load_split_cached(data_dir: str, split: str, annotation: str, labels: str, label_key_rule: str,
+                       num_views: int, num_classes: int, on_bad_record: str) -> tuple[records.Record, ...]:
+  return tuple(records.load_split(data_dir, split, annotation=annotation, labels=labels,
+                                  label_key_rule=label_key_rule, num_views=num_views, num_classes=num_classes,
+                                  on_bad_record=on_bad_record))
+
+
+def load_records(config: ml_collections.ConfigDict, split: str) -> list[records.Record]:
+  """The validated records of ``split`` of the R2Gen folder ``config.data.data_dir`` (cached per process)."""
+  d = config.data
+  return list(_load_split_cached(str(records.resolve_data_dir(d.data_dir)), split, d.annotation, d.labels,
+                                 d.label_key, int(d.num_views), int(config.model.num_classes), d.on_bad_record))
+
+
+def default_tfds_dir() -> pathlib.Path:
+  """``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` (TFDS's own default)."""
+  return pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser().absolute()
+
+
+def tfds_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  return pathlib.Path(config.data.tfds_dir).expanduser().absolute() if config.data.tfds_dir else default_tfds_dir()
+
+
+def _check_source(config: ml_collections.ConfigDict) -> str:
+  if config.data.source not in SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r}; choose one of {SOURCES}.")
+  return config.data.source
+
+
+def _tfds_builder(config: ml_collections.ConfigDict):
+  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
+
+  return tfds_builders.prepared_builder(config.data.name, data_dir=tfds_dir(config),
+                                        manual_dir=config.data.data_dir or None,
+                                        on_bad_record=config.data.on_bad_record,
+                                        prepare=jax.process_count() == 1)
+
+
+class TfdsSource(Sequence):
+  """Raw examples (the ``records.FolderSource`` dict) from a TFDS ArrayRecord split via ``tfds.data_source``."""
+
+  def __init__(self, data_source):
+    self._ds = data_source
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    ex = self._ds[i]
+    return {"id": _text(ex["id"]), "report": _text(ex["report"]), "images": tuple(bytes(b) for b in ex["images"]),
+            "image_names": tuple(_text(n) for n in ex["image_names"]),
+            "labels": np.asarray(ex["labels"], np.float32)}
+
+
+def _text(x: Any) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def raw_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
+  """Random-access raw examples of ``split`` (see ``records.FolderSource``), from the configured source."""
+  if _check_source(config) == "folder":
+    return records.FolderSource(load_records(config, split))
+  builder = _tfds_builder(config)
+  if split not in builder.info.splits:
+    raise records.DataError(f"TFDS dataset {builder.data_dir} has no split {split!r} "
+                            f"(it has {sorted(builder.info.splits)}).")
+  return TfdsSource(builder.as_data_source(split=split))
+
+
+def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+  """The vocabulary of the train split (threshold ``config.data.threshold``, cleaning ``config.data.clean``)."""
+  d = config.data
+  if _check_source(config) == "folder":
+    return Tokenizer.build((r.report for r in load_records(config, "train")), d.threshold, d.clean)
+  counts = _tfds_builder(config).info.metadata["word_counts"][d.clean]
+  return Tokenizer.from_counts(counts, d.threshold, d.clean)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """Train batches per epoch: ``len(train) // config.train.batch_size`` (last partial batch dropped)."""
+  n = len(raw_source(config, "train"))
+  steps = n // int(config.train.batch_size)
+  if steps == 0:
+    raise ValueError(f"The train split has {n} records, fewer than config.train.batch_size="
+                     f"{config.train.batch_size}.")
+  return steps
+
+
+# --- examples and batches -----------------------------------------------------------------------------------
+
+class _Prepare:
+  """Raw example → model example: decoded, transformed views, encoded and padded report, label vector."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, train: bool):
+    d = config.data
+    self.tokenizer = tokenizer
+    self.train = train
+    self.num_views = int(d.num_views)
+    self.max_len = int(d.max_seq_length)
+    self.num_classes = int(config.model.num_classes)
+    self.augment, self.resize, self.image_size = d.augment, int(d.resize), int(d.image_size)
+
+  def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+    rid = raw["id"]
+    if len(raw["images"]) < self.num_views:
+      raise records.DataError(f"Record {rid!r} has {len(raw['images'])} image(s), config.data.num_views="
+                              f"{self.num_views}.")
+    views = [records.decode_image(data, f"{name} (record {rid!r})")
+             for data, name in zip(raw["images"][:self.num_views], raw["image_names"])]
+    images = transforms.transform_views(views, rng, train=self.train, augment=self.augment, resize=self.resize,
+                                        image_size=self.image_size)
+    ids = self.tokenizer.encode(raw["report"])[:self.max_len]
+    targets = np.zeros((self.max_len,), np.int32)
+    targets[:len(ids)] = ids
+    masks = np.zeros((self.max_len,), np.float32)
+    masks[:len(ids)] = 1.0
+    labels = np.asarray(raw["labels"], np.float32)
+    if labels.size == 0:
+      labels = np.zeros((self.num_classes,), np.float32)
+    if labels.shape != (self.num_classes,):
+      raise records.DataError(f"Record {rid!r}: label vector of length {labels.size}, config.model.num_classes="
+                              f"{self.num_classes}.")
+    return {"images": images, "targets": targets, "masks": masks, "labels": labels, "id": rid}
+
+  def padding(self) -> dict[str, Any]:
+    s = self.image_size
+    return {"images": np.zeros((self.num_views, s, s, 3), np.float32),
+            "targets": np.zeros((self.max_len,), np.int32), "masks": np.zeros((self.max_len,), np.float32),
+            "labels": np.zeros((self.num_classes,), np.float32), "id": ""}
+
+
+def collate(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Stacks examples into a batch dict; ``id`` fields become the host-side ``ids`` list."""
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "id"}
+  batch["ids"] = [e["id"] for e in examples]
+  return batch
+
+
+def _local_batch_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(local batch size, this process's index) for the global ``config.train.batch_size``."""
+  gbs, count = int(config.train.batch_size), jax.process_count()
+  if gbs % count:
+    raise ValueError(f"config.train.batch_size={gbs} is not divisible by the {count} processes.")
+  return gbs // count, jax.process_index()
+
+
+def _read_options() -> grain.ReadOptions:
+  threads = max(1, min(4, os.cpu_count() or 1))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+
+
+def _maybe_mp(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  if num_workers > 0:
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  return ds
+
+
+class _TrainExample:
+  """Local stream position → prepared example of (epoch, epoch position), see the module docstring."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, seed: int, global_batch: int,
+               local_batch: int, process_index: int):
+    self.source, self.prepare, self.seed = source, prepare, int(seed)
+    self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+    self.steps = len(source) // global_batch
+    self._perm: tuple[int, np.ndarray] | None = None
+
+  def epoch_position(self, j: int) -> tuple[int, int]:
+    epoch, r = divmod(int(j), self.steps * self.local_batch)
+    b, k = divmod(r, self.local_batch)
+    return epoch, b * self.global_batch + self.process_index * self.local_batch + k
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if self._perm is None or self._perm[0] != epoch:
+      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
+    return self._perm[1]
+
+  def __call__(self, j: int) -> dict[str, Any]:
+    epoch, p = self.epoch_position(j)
+    raw = self.source[int(self.permutation(epoch)[p])]
+    return self.prepare(raw, np.random.default_rng([self.seed, epoch, p]))
+
+
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> grain.IterDataset:
+  """Endless shuffled train batches (epochs repeat, ``steps_per_epoch(config)`` batches each)."""
+  source = raw_source(config, "train")
+  lbs, pi = _local_batch_size(config)
+  fn = _TrainExample(source, _Prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi)
+  if fn.steps == 0:
+    raise ValueError(f"The train split has {len(source)} records, fewer than config.train.batch_size="
+                     f"{config.train.batch_size}.")
+  ds = grain.MapDataset.range(_ENDLESS - _ENDLESS % lbs).map(fn).batch(lbs, drop_remainder=True,
+                                                                          batch_fn=collate)
+  return _maybe_mp(ds.to_iter_dataset(_read_options()), int(config.data.num_workers))
+
+
+class _EvalExample:
+  """Local stream position → prepared example (or a padding row) of the in-order evaluation pass."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, size: int, global_batch: int,
+               local_batch: int, process_index: int):
+    self.source, self.prepare, self.size = source, prepare, size
+    self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+
+  def __call__(self, j: int) -> dict[str, Any]:
+    b, k = divmod(int(j), self.local_batch)
+    p = b * self.global_batch + self.process_index * self.local_batch + k
+    if p >= self.size:
+      return {**self.prepare.padding(), "valid": False}
+    return {**self.prepare(self.source[p], None), "valid": True}
+
+
+def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str) -> Iterator[dict[str, Any]]:
+  """One in-order pass over ``split`` (the first ``config.train.max_eval_examples`` records when >= 0); the
+  last batch is padded to full size with ``valid=False`` rows so every record is scored exactly once."""
+  source = raw_source(config, split)
+  size = len(source)
+  if int(config.train.max_eval_examples) >= 0:
+    size = min(size, int(config.train.max_eval_examples))
+  gbs = int(config.train.batch_size)
+  lbs, pi = _local_batch_size(config)
+  num_batches = -(-size // gbs)
+  fn = _EvalExample(source, _Prepare(config, tokenizer, train=False), size, gbs, lbs, pi)
+  ds = grain.MapDataset.range(num_batches * lbs).map(fn).batch(lbs, batch_fn=collate)
+  logging.info("Evaluating %d records of split %r in %d batches of %d.", size, split, num_batches, gbs)
+  return iter(_maybe_mp(ds.to_iter_dataset(_read_options()), int(config.data.num_workers)))
+
+
+# --- device placement ---------------------------------------------------------------------------------------
+
+def to_global_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy arrays → global ``jax.Array``s split over the mesh's ``"data"`` axis.
+
+  Every process passes its own rows (``Bl``); the global leading dimension is ``Bl * process_count``.
+  Non-array entries (``ids``) are left out.
+  """
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if isinstance(v, np.ndarray)}

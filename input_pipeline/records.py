@@ -1,0 +1,269 @@
+"""R2Gen-layout datasets: ``annotation.json``, optional ``labels.json`` and ``images/``, with validation.
+
+Layout (``DATA_DIR``; ``""`` means the embedded sample at ``input_pipeline/sample_data``)::
+
+    DATA_DIR/annotation.json   {"train"|"val"|"test": [{"id", "report", "image_path": [..], ...}]}
+    DATA_DIR/labels.json       {id_key: [C numbers]}  or  {"classes": [C names], "labels": {id_key: [C numbers]}}
+    DATA_DIR/images/<image_path>
+
+The label key of a record is its id (rule ``"id"``: MIMIC, sample) or its first two ``-``-separated pieces
+(rule ``"iu"``: ``CXR2372_IM-0933-0001`` -> ``CXR2372_IM-0933``). A record gives ``num_views`` images:
+the first ``num_views`` entries of ``image_path`` (IU: 2; MIMIC: ``image_path[0]``).
+
+Validation. Structural problems always raise ``DataError`` naming the file and record: unreadable JSON, a missing
+split or record key, duplicate ids, label vectors of the wrong length, records without labels. Per-record
+problems — a missing, unreadable or corrupt image file, too few images, an empty report — raise too with
+``on_bad_record="error"``; with ``"skip"`` each skipped record is logged (warning) together with the count.
+Images are checked when the split is loaded by reading their header (and, for PNG, every chunk's CRC via
+PIL ``verify``); damage that only full decoding reveals raises ``DataError`` at decoding time.
+
+Images. ``decode_image`` returns mode ``"L"`` (any grayscale) or ``"RGB"`` (anything else, via PIL
+``convert("RGB")``). 16-bit grayscale (PIL modes ``I;16*``/``I``) is mapped linearly from the full 16-bit range
+to 8 bits, ``round(v * 255 / 65535)`` — the PNG convention that samples of lower bit depths are scaled to the
+full range (a plain PIL ``convert`` would instead clip everything above 255 to white). Downstream, an ``"L"``
+image gives the same pixels as its ``convert("RGB")`` (every PIL operation used acts per band), at a third of
+the cost.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+from absl import logging
+
+SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample_data"
+SPLITS = ("train", "val", "test")
+LABEL_KEY_RULES = ("id", "iu")
+ON_BAD_RECORD = ("error", "skip")
+IMAGES_DIR = "images"
+_RECORD_KEYS = ("id", "report", "image_path")
+
+
+class DataError(ValueError):
+  """A dataset file or record is malformed; the message names the file and the record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One study. ``image_paths`` are absolute; ``labels`` float32 (C,) (C = 0 without labels.json)."""
+  id: str
+  report: str
+  image_paths: tuple[str, ...]
+  labels: np.ndarray
+
+
+def resolve_data_dir(data_dir: str | pathlib.Path) -> pathlib.Path:
+  """``""`` → the embedded sample (independent of the working directory); else the given folder."""
+  return SAMPLE_DIR if not str(data_dir) else pathlib.Path(data_dir).expanduser().absolute()
+
+
+def label_key(record_id: str, rule: str) -> str:
+  """The labels.json key of a record id under ``rule`` (``"id"`` or ``"iu"``)."""
+  if rule == "id":
+    return record_id
+  if rule == "iu":
+    return "-".join(record_id.split("-")[:2])
+  raise DataError(f"Unknown label key rule {rule!r}; choose one of {LABEL_KEY_RULES}.")
+
+
+def _read_json(path: pathlib.Path, what: str) -> Any:
+  if not path.is_file():
+    raise DataError(f"{what} {path} not found.")
+  try:
+    return json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{what} {path} is not readable JSON: {e}") from e
+
+
+def read_annotation(path: str | pathlib.Path) -> dict[str, list[dict[str, Any]]]:
+  """Reads and checks an R2Gen annotation.json: split lists of records with id/report/image_path, ids unique."""
+  path = pathlib.Path(path)
+  data = _read_json(path, "Annotation")
+  if not isinstance(data, dict):
+    raise DataError(f"Annotation {path}: expected a JSON object with split lists, got {type(data).__name__}.")
+  seen: dict[str, str] = {}
+  for split, records in data.items():
+    if not isinstance(records, list):
+      raise DataError(f"Annotation {path}: split {split!r} is not a list of records.")
+    for i, r in enumerate(records):
+      missing = [k for k in _RECORD_KEYS if not isinstance(r, dict) or k not in r]
+      if missing:
+        raise DataError(f"Annotation {path}: record {i} of split {split!r} "
+                        f"({r.get('id', '?') if isinstance(r, dict) else r!r}) lacks key(s) {missing}.")
+      rid = str(r["id"])
+      if rid in seen:
+        raise DataError(f"Annotation {path}: duplicate id {rid!r} (split {split!r} and split {seen[rid]!r}).")
+      seen[rid] = split
+      if not isinstance(r["image_path"], list) or not all(isinstance(p, str) for p in r["image_path"]):
+        raise DataError(f"Annotation {path}: record {rid!r}: image_path must be a list of strings.")
+      if not isinstance(r["report"], str):
+        raise DataError(f"Annotation {path}: record {rid!r}: report must be a string.")
+  return data
+
+
+def read_labels(path: str | pathlib.Path, num_classes: int | None = None
+                ) -> tuple[list[str] | None, dict[str, np.ndarray]]:
+  """Reads labels.json in either form; returns ``(classes or None, {key: float32 (C,)})``.
+
+  Every vector must have the same length C (= ``len(classes)`` when given, = ``num_classes`` when given).
+  """
+  path = pathlib.Path(path)
+  data = _read_json(path, "Labels")
+  classes = None
+  if isinstance(data, dict) and "labels" in data and isinstance(data.get("labels"), dict):
+    classes = data.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+      raise DataError(f"Labels {path}: 'classes' must be a list of names.")
+    data = data["labels"]
+  if not isinstance(data, dict):
+    raise DataError(f"Labels {path}: expected {{id: [numbers]}} or {{'classes': [...], 'labels': {{...}}}}.")
+  expected = len(classes) if classes is not None else num_classes
+  if classes is not None and num_classes is not None and len(classes) != num_classes:
+    raise DataError(f"Labels {path} has {len(classes)} classes but the config expects {num_classes} "
+                    "(config.model.num_classes).")
+  out = {}
+  for key, vec in data.items():
+    try:
+      arr = np.asarray(vec, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+      raise DataError(f"Labels {path}: entry {key!r} is not a list of numbers: {e}") from e
+    if arr.ndim != 1 or not np.all(np.isfinite(arr)):
+      raise DataError(f"Labels {path}: entry {key!r} must be a flat list of finite numbers.")
+    if expected is None:
+      expected = arr.shape[0]
+    if arr.shape[0] != expected:
+      raise DataError(f"Labels {path}: entry {key!r} has {arr.shape[0]} values, expected {expected}.")
+    out[str(key)] = arr
+  return classes, out
+
+
+def image_problem(path: str | pathlib.Path) -> str | None:
+  """Why the image file at ``path`` is unusable (missing, unreadable, corrupt), or None if it looks fine."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return "image file not found"
+  try:
+    with PIL.Image.open(path) as im:
+      im.verify()
+  except Exception as e:  # PIL raises many types for damaged files  # pylint: disable=broad-except
+    return f"unreadable or corrupt image ({type(e).__name__}: {e})"
+  return None
+
+
+def decode_image(data: bytes, where: str) -> PIL.Image.Image:
+  """Encoded PNG/JPEG/... bytes → PIL image in mode ``"L"`` (grayscale, 16-bit scaled) or ``"RGB"``."""
+  try:
+    im = PIL.Image.open(io.BytesIO(data))
+    im.load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"Cannot decode image {where}: {type(e).__name__}: {e}") from e
+  if im.mode == "L":
+    return im
+  if im.mode.startswith("I"):
+    a = np.asarray(im).astype(np.int64)
+    a = np.clip(a, 0, 65535)
+    return PIL.Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+  if im.mode == "LA":
+    return im.convert("L")
+  return im.convert("RGB")
+
+
+def _bad(on_bad_record: str, problems: list[str], where: str) -> None:
+  if not problems:
+    return
+  if on_bad_record == "error":
+    raise DataError(problems[0] + " Set config.data.on_bad_record='skip' to leave such records out.")
+  for p in problems:
+    logging.warning("Skipping record: %s", p)
+  logging.warning("Skipped %d bad record(s) of %s.", len(problems), where)
+
+
+def load_split(data_dir: str | pathlib.Path, split: str, *, annotation: str = "annotation.json",
+               labels: str = "labels.json", label_key_rule: str = "id", num_views: int = 1,
+               num_classes: int | None = None, on_bad_record: str = "error",
+               check_images: bool = True) -> list[Record]:
+  """The validated records of ``split`` (annotation order); see the module docstring for the rules."""
+  if on_bad_record not in ON_BAD_RECORD:
+    raise DataError(f"config.data.on_bad_record={on_bad_record!r}; choose one of {ON_BAD_RECORD}.")
+  root = resolve_data_dir(data_dir)
+  ann_path = root / annotation
+  ann = read_annotation(ann_path)
+  if split not in ann:
+    raise DataError(f"Annotation {ann_path} has no split {split!r} (it has {sorted(ann)}).")
+  if labels:
+    lab_path = root / labels
+    _, table = read_labels(lab_path, num_classes)
+  else:
+    lab_path, table = None, {}
+  images = root / IMAGES_DIR
+  problems: list[str] = []
+  candidates: list[Record] = []
+  for r in ann[split]:
+    rid = str(r["id"])
+    where = f"record {rid!r} (split {split!r} of {ann_path})"
+    if lab_path is not None:
+      key = label_key(rid, label_key_rule)
+      if key not in table:
+        raise DataError(f"Labels {lab_path} have no entry {key!r} for {where} (label key rule "
+                        f"{label_key_rule!r}).")
+      vec = table[key]
+    else:
+      vec = np.zeros((num_classes or 0,), np.float32)
+    if not r["report"].strip():
+      problems.append(f"{where}: the report is empty.")
+      continue
+    if len(r["image_path"]) < num_views:
+      problems.append(f"{where}: {len(r['image_path'])} image(s) listed, {num_views} view(s) needed.")
+      continue
+    paths = tuple(str(images / p) for p in r["image_path"][:num_views])
+    candidates.append(Record(rid, r["report"], paths, vec))
+  if check_images:
+    flat = [p for rec in candidates for p in rec.image_paths]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      status = dict(zip(flat, pool.map(image_problem, flat)))
+  else:
+    status = {}
+  out = []
+  for rec in candidates:
+    bad = [f"record {rec.id!r} (split {split!r} of {ann_path}): {status[p]}: {p}"
+           for p in rec.image_paths if status.get(p)]
+    if bad:
+      problems.append(bad[0])
+    else:
+      out.append(rec)
+  _bad(on_bad_record, problems, f"split {split!r} of {ann_path}")
+  if not out:
+    raise DataError(f"Split {split!r} of {ann_path} has no usable records.")
+  return out
+
+
+def read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+class FolderSource(Sequence):
+  """Grain random-access source over records: item ``i`` is the raw example of ``records[i]``.
+
+  Raw example: ``{"id": str, "report": str, "images": tuple[bytes] (V encoded files), "image_names":
+  tuple[str], "labels": float32 (C,)}`` — the same dict the TFDS source yields.
+  """
+
+  def __init__(self, records: Sequence[Record]):
+    self.records = list(records)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    rec = self.records[i]
+    return {"id": rec.id, "report": rec.report, "images": tuple(read_bytes(p) for p in rec.image_paths),
+            "image_names": rec.image_paths, "labels": rec.labels}
