@@ -121,6 +121,7 @@ class TrainCheckpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True,
                                              create=True))
 
   def latest_step(self) -> int | None:

@@ -1,0 +1,339 @@
+r"""Training CLI: config → tokenizer → mesh → model/optimiser state → jitted sharded loop → evaluation → Orbax.
+
+    python -m rrg_jax.train --config=configs/camanet.py --workdir=checkpoints/run           # embedded sample, CPU
+    python -m rrg_jax.train --config=configs/camanet.py:iu_xray --workdir=checkpoints/iu \
+        --config.data.data_dir=/data/iu_xray --config.optim.lr_ed=1e-3                    # official IU recipe
+
+The config is locked: overriding a key that does not exist is an error. The workdir receives
+
+    config.json, vocab.json   the resolved config (vocab_size filled in) and the vocabulary
+    checkpoints/<step>/       resumable train states (Orbax: state + Grain iterator + loop bookkeeping),
+                              saved every epoch, every ``train.checkpoint_every_steps`` steps and on SIGTERM
+    best/                     inference checkpoint of the best epoch (``checkpointing.load_inference``)
+    metrics.jsonl             one JSON row per logged train step and per epoch (val/test scores)
+    tensorboard/              TensorBoard events (tensorboardX)
+
+Re-running the same command resumes from the latest checkpoint with the exact next batch. Model selection,
+early stopping and the optimiser follow the official trainer (reference spec §8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as pylogging
+import pathlib
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rrg_jax import checkpointing, optim, sharding
+from rrg_jax import train_state as ts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/camanet.py:iu_xray.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, checkpoints, metrics and the best model.")
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or a gradient became NaN/inf; training stopped before saving the bad state."""
+
+
+# --- model selection and early stopping (spec §8) -----------------------------------------------------------
+
+def selection_score(val_scores: Mapping[str, float]) -> float:
+  """The official trainer's hard-coded criterion: ``val BLEU_4 + 0.5 · val BLEU_1``."""
+  return float(val_scores["BLEU_4"]) + 0.5 * float(val_scores["BLEU_1"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Best score so far (None before the first evaluation) and consecutive non-improving epochs."""
+  best_score: float | None = None
+  bad_epochs: int = 0
+
+  def update(self, score: float, early_stop: int) -> tuple[Selection, bool, bool]:
+    """Returns ``(new selection, improved, stop)``: improved iff strictly greater; stop once the
+    non-improvement counter exceeds ``early_stop`` (i.e. after the (early_stop+1)-th in a row)."""
+    if self.best_score is None or score > self.best_score:
+      return Selection(score, 0), True, False
+    bad = self.bad_epochs + 1
+    return Selection(self.best_score, bad), False, bad > early_stop
+
+
+# --- loop bookkeeping ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+  """Where the loop is; saved as the ``meta`` item of every train checkpoint."""
+  epoch: int = 0            # 0-based epoch being trained (== epochs done when batches_done == 0)
+  batches_done: int = 0     # batches of ``epoch`` already trained on
+  best_score: float | None = None
+  bad_epochs: int = 0
+  best_epoch: int | None = None
+  finished: bool = False    # early-stopped or all epochs done
+
+  @property
+  def selection(self) -> Selection:
+    return Selection(self.best_score, self.bad_epochs)
+
+
+class MetricsLogger:
+  """Appends rows to ``WORKDIR/metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool):
+    self.enabled = enabled
+    self._path = workdir / METRICS_FILE
+    self._writer = None
+    if enabled:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+
+      self._writer = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+
+  def write(self, step: int, row: Mapping[str, Any], prefix: str) -> None:
+    if not self.enabled:
+      return
+    with self._path.open("a") as f:
+      f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+    for k, v in row.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        self._writer.add_scalar(f"{prefix}/{k}", v, step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop polls after each step (checkpoint, then exit)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- set-up -------------------------------------------------------------------------------------------------
+
+def _load_or_build_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """A resumed run reuses ``WORKDIR/vocab.json``; a fresh one builds the vocabulary from the train split."""
+  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+  from input_pipeline.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  vocab = workdir / checkpointing.VOCAB_FILE
+  if vocab.is_file():
+    return Tokenizer.load(vocab)
+  tokenizer = loader.build_tokenizer(config)
+  if jax.process_index() == 0:
+    tokenizer.save(vocab)
+  return tokenizer
+
+
+def _load_pretrained_backbone(variables: dict[str, Any], path: str) -> dict[str, Any]:
+  """``variables`` with ``visual_extractor/model`` replaced by torchvision ImageNet DenseNet weights."""
+  from rrg_jax import convert  # pylint: disable=g-import-not-at-top
+
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config.model.pretrained_backbone={path!r} does not exist.")
+  return convert.load_torchvision_densenet(path, jax.device_get(variables))
+
+
+def _make_loss_fn(config: ml_collections.ConfigDict):
+  from rrg_jax import losses  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(out, batch):
+    return losses.camanet_loss(out, batch, config)
+  return loss_fn
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _host_float(x) -> float:
+  return float(np.asarray(x))
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
+  """Trains (or resumes) in ``workdir``; returns the final loop progress. See the module docstring."""
+  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+  from rrg_jax import evaluate, models  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
+
+  tokenizer = _load_or_build_tokenizer(config, workdir)
+  config.model.vocab_size = tokenizer.vocab_size
+  if main:
+    checkpointing.write_config(workdir, config)
+
+  mesh = sharding.create_mesh(config.mesh_shape)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  train_ds = loader.train_dataset(config, tokenizer, seed=config.seed)
+  steps_per_epoch = loader.steps_per_epoch(config)
+  tx = optim.make_optimizer(config, steps_per_epoch)
+  lr_schedules = optim.learning_rate_schedules(config, steps_per_epoch)
+
+  model = models.get_model(config.model)
+  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+  repl = sharding.replicated(mesh)
+  variables = jax.jit(lambda k: ts.init_variables(model, config, k), out_shardings=repl)(init_key)
+  if config.model.pretrained_backbone:
+    variables = jax.device_put(_load_pretrained_backbone(variables, config.model.pretrained_backbone), repl)
+  state = jax.jit(lambda v, k: ts.create_train_state(v, tx, k), out_shardings=repl)(variables, dropout_key)
+  del variables
+  train_step = ts.jit_train_step(ts.make_train_step(model, tx, _make_loss_fn(config)), state, mesh)
+
+  ckpt = checkpointing.TrainCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  data_iter = iter(train_ds)
+  progress = Progress()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    progress = Progress(**ckpt.restore_meta(latest))
+    state = ckpt.restore(latest, _abstract(state), data_iter)
+    logging.info("Resumed from %s at step %d (epoch %d, batch %d).", ckpt.directory / str(latest), latest,
+                 progress.epoch + 1, progress.batches_done)
+
+  metrics = MetricsLogger(workdir, main)
+  global_batch = config.train.batch_size
+
+  def save(meta: Progress) -> None:
+    ckpt.save(int(state.step), state, data_iter, dataclasses.asdict(meta))
+
+  try:
+    with _SigtermFlag() as sigterm:
+      while not progress.finished and progress.epoch < config.train.epochs:
+        epoch = progress.epoch
+        bar = tqdm.tqdm(total=steps_per_epoch, initial=progress.batches_done, disable=not main,
+                        desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        t_start, n_timed = None, 0
+        while progress.batches_done < steps_per_epoch:
+          batch = loader.to_global_batch(ts.train_inputs(next(data_iter)), mesh)
+          state, m = train_step(state, batch)
+          m = jax.device_get(m)
+          step = int(state.step)
+          if not bool(m.pop("finite")):
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch "
+                f"{progress.batches_done + 1}): " + ", ".join(f"{k}={_host_float(v):.4g}" for k, v in m.items())
+                + f". Stopping; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+          progress.batches_done += 1
+          parts = {k: _host_float(v) for k, v in m.items()}
+          for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+          lrs = {f"lr_{g}": float(s(step - 1)) for g, s in
+                 (("ve", lr_schedules[optim.VE_GROUP]), ("ed", lr_schedules[optim.ED_GROUP]))}
+          if t_start is None:  # the first step of a (re)start includes compilation
+            t_start = time.perf_counter()
+          else:
+            n_timed += 1
+          rate = n_timed * global_batch / max(time.perf_counter() - t_start, 1e-9)
+          bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()}, **{k: f"{v:.1e}" for k, v in lrs.items()},
+                           "ex/s": f"{rate:.1f}"}, refresh=False)
+          bar.update(1)
+          if step % config.train.log_every_steps == 0:
+            metrics.write(step, {"epoch": epoch + 1, **parts, **lrs, "examples_per_s": rate}, "train")
+          every = config.train.checkpoint_every_steps
+          if sigterm.raised or (every and step % every == 0 and progress.batches_done < steps_per_epoch):
+            save(progress)
+          if sigterm.raised:
+            ckpt.wait()
+            logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.", step,
+                            ckpt.directory)
+            return progress
+        bar.close()
+
+        row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": v / max(progress.batches_done, 1)
+                                                      for k, v in sums.items()}}
+        for split in config.train.eval_splits:
+          scores, _ = evaluate.evaluate_split(model, state.variables(), config, tokenizer,
+                                              loader.eval_batches(config, tokenizer, split), mesh=mesh,
+                                              progress=main)
+          row.update({f"{split}_{k}": float(v) for k, v in scores.items()})
+        progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0)
+        if "val_BLEU_4" in row:
+          score = selection_score({"BLEU_4": row["val_BLEU_4"], "BLEU_1": row["val_BLEU_1"]})
+          selection, improved, stop = progress.selection.update(score, config.train.early_stop)
+          progress = dataclasses.replace(progress, best_score=selection.best_score,
+                                         bad_epochs=selection.bad_epochs, finished=stop)
+          if improved:
+            progress.best_epoch = epoch + 1
+            checkpointing.save_inference(workdir / checkpointing.BEST_DIR, config, state.variables(), tokenizer)
+          row.update(score=score, improved=improved, best_score=progress.best_score,
+                     best_epoch=progress.best_epoch, bad_epochs=progress.bad_epochs)
+        metrics.write(int(state.step), row, "epoch")
+        logging.info("Epoch %d: %s", epoch + 1, json.dumps(row, sort_keys=True))
+        if progress.epoch >= config.train.epochs:
+          progress.finished = True
+        if progress.finished and progress.bad_epochs > config.train.early_stop:
+          logging.info("Early stopping after %d epochs without improvement.", progress.bad_epochs)
+        save(progress)
+        if sigterm.raised:
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    metrics.close()
+  return progress
+
+
+class _QuietOrbax:
+  """Drops Orbax's per-save INFO lines from the absl log (warnings and errors still pass)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; an unknown ``--config.*`` key (the config is locked) becomes a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f"FATAL Flags parsing error: {e}") from None
+  except (AttributeError, KeyError) as e:
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    raise SystemExit(f"FATAL Flags parsing error: unknown config key in a --config.* override: {msg}") from None
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  logging.get_absl_logger().addFilter(_QuietOrbax())
+  sharding.initialize_distributed()
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteLossError as e:
+    logging.error("%s", e)
+    raise SystemExit(f"ERROR: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
