@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -82,7 +81,10 @@ class Progress:
   best_score: float | None = None
   bad_epochs: int = 0
   best_epoch: int | None = None
-  finished: bool = False    # early-stopped or all epochs done
+  early_stopped: bool = False
+
+  def done(self, config: ml_collections.ConfigDict) -> bool:
+    return self.early_stopped or self.epoch >= config.train.epochs
 
   @property
   def selection(self) -> Selection:
@@ -105,7 +107,7 @@ class MetricsLogger:
     if not self.enabled:
       return
     with self._path.open("a") as f:
-      f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+      f.write(json.dumps({"kind": prefix, "step": step, **row}, sort_keys=True) + "\n")
     for k, v in row.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         self._writer.add_scalar(f"{prefix}/{k}", v, step)
@@ -172,8 +174,37 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _host_float(x) -> float:
-  return float(np.asarray(x))
+_LR_GROUPS = (("ve", optim.VE_GROUP), ("ed", optim.ED_GROUP))
+
+
+class _Throughput:
+  """Examples per second since the first step after (re)start or evaluation (excludes compilation)."""
+
+  def __init__(self, global_batch: int):
+    self.global_batch = global_batch
+    self.reset()
+
+  def reset(self) -> None:
+    self._t0, self._steps = None, 0
+
+  def tick(self) -> float:
+    if self._t0 is None:
+      self._t0 = time.perf_counter()
+      return 0.0
+    self._steps += 1
+    return self._steps * self.global_batch / max(time.perf_counter() - self._t0, 1e-9)
+
+
+def _select(progress: Progress, row: dict[str, Any], early_stop: int) -> tuple[Progress, bool]:
+  """Applies model selection / early stopping to the epoch's val scores; adds the outcome to ``row``."""
+  score = selection_score({"BLEU_4": row["val_BLEU_4"], "BLEU_1": row["val_BLEU_1"]})
+  selection, improved, stop = progress.selection.update(score, early_stop)
+  progress = dataclasses.replace(progress, best_score=selection.best_score, bad_epochs=selection.bad_epochs,
+                                 early_stopped=stop,
+                                 best_epoch=progress.epoch if improved else progress.best_epoch)
+  row.update(score=score, improved=improved, best_score=progress.best_score, best_epoch=progress.best_epoch,
+             bad_epochs=progress.bad_epochs)
+  return progress, improved
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -220,42 +251,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                  progress.epoch + 1, progress.batches_done)
 
   metrics = MetricsLogger(workdir, main)
-  global_batch = config.train.batch_size
+  speed = _Throughput(config.train.batch_size)
 
   def save(meta: Progress) -> None:
     ckpt.save(int(state.step), state, data_iter, dataclasses.asdict(meta))
 
   try:
     with _SigtermFlag() as sigterm:
-      while not progress.finished and progress.epoch < config.train.epochs:
+      while not progress.done(config):
         epoch = progress.epoch
         bar = tqdm.tqdm(total=steps_per_epoch, initial=progress.batches_done, disable=not main,
                         desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        t_start, n_timed = None, 0
+        sums, n = {}, 0
         while progress.batches_done < steps_per_epoch:
-          batch = loader.to_global_batch(ts.train_inputs(next(data_iter)), mesh)
-          state, m = train_step(state, batch)
+          state, m = train_step(state, loader.to_global_batch(ts.train_inputs(next(data_iter)), mesh))
           m = jax.device_get(m)
           step = int(state.step)
           if not bool(m.pop("finite")):
+            ckpt.wait()
             raise NonFiniteLossError(
                 f"Non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch "
-                f"{progress.batches_done + 1}): " + ", ".join(f"{k}={_host_float(v):.4g}" for k, v in m.items())
-                + f". Stopping; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+                f"{progress.batches_done + 1}): " + ", ".join(f"{k}={float(v):.4g}" for k, v in m.items())
+                + f". Stopping without saving; the last good checkpoint is step {ckpt.latest_step()} in "
+                f"{ckpt.directory}.")
           progress.batches_done += 1
-          parts = {k: _host_float(v) for k, v in m.items()}
-          for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-          lrs = {f"lr_{g}": float(s(step - 1)) for g, s in
-                 (("ve", lr_schedules[optim.VE_GROUP]), ("ed", lr_schedules[optim.ED_GROUP]))}
-          if t_start is None:  # the first step of a (re)start includes compilation
-            t_start = time.perf_counter()
-          else:
-            n_timed += 1
-          rate = n_timed * global_batch / max(time.perf_counter() - t_start, 1e-9)
-          bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()}, **{k: f"{v:.1e}" for k, v in lrs.items()},
-                           "ex/s": f"{rate:.1f}"}, refresh=False)
+          parts = {k: float(v) for k, v in m.items()}
+          sums, n = {k: sums.get(k, 0.0) + v for k, v in parts.items()}, n + 1
+          lrs = {f"lr_{g}": float(lr_schedules[name](step - 1)) for g, name in _LR_GROUPS}
+          rate = speed.tick()
+          bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()},
+                           **{k: f"{v:.1e}" for k, v in lrs.items()}, "ex/s": f"{rate:.1f}"}, refresh=False)
           bar.update(1)
           if step % config.train.log_every_steps == 0:
             metrics.write(step, {"epoch": epoch + 1, **parts, **lrs, "examples_per_s": rate}, "train")
@@ -269,8 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             return progress
         bar.close()
 
-        row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": v / max(progress.batches_done, 1)
-                                                      for k, v in sums.items()}}
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
         for split in config.train.eval_splits:
           scores, _ = evaluate.evaluate_split(model, state.variables(), config, tokenizer,
                                               loader.eval_batches(config, tokenizer, split), mesh=mesh,
@@ -278,24 +302,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           row.update({f"{split}_{k}": float(v) for k, v in scores.items()})
         progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0)
         if "val_BLEU_4" in row:
-          score = selection_score({"BLEU_4": row["val_BLEU_4"], "BLEU_1": row["val_BLEU_1"]})
-          selection, improved, stop = progress.selection.update(score, config.train.early_stop)
-          progress = dataclasses.replace(progress, best_score=selection.best_score,
-                                         bad_epochs=selection.bad_epochs, finished=stop)
+          progress, improved = _select(progress, row, config.train.early_stop)
           if improved:
-            progress.best_epoch = epoch + 1
             checkpointing.save_inference(workdir / checkpointing.BEST_DIR, config, state.variables(), tokenizer)
-          row.update(score=score, improved=improved, best_score=progress.best_score,
-                     best_epoch=progress.best_epoch, bad_epochs=progress.bad_epochs)
         metrics.write(int(state.step), row, "epoch")
         logging.info("Epoch %d: %s", epoch + 1, json.dumps(row, sort_keys=True))
-        if progress.epoch >= config.train.epochs:
-          progress.finished = True
-        if progress.finished and progress.bad_epochs > config.train.early_stop:
-          logging.info("Early stopping after %d epochs without improvement.", progress.bad_epochs)
+        if progress.early_stopped:
+          logging.info("Early stopping: %d epochs in a row without improvement.", progress.bad_epochs)
         save(progress)
+        speed.reset()
         if sigterm.raised:
-          break
+          return progress
   finally:
     ckpt.wait()
     ckpt.close()
@@ -329,10 +346,12 @@ def main(argv: list[str]) -> None:
   logging.get_absl_logger().addFilter(_QuietOrbax())
   sharding.initialize_distributed()
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    progress = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteLossError as e:
     logging.error("%s", e)
     raise SystemExit(f"ERROR: {e}") from None
+  if not progress.done(_CONFIG.value):  # stopped by SIGTERM after checkpointing
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
