@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO
-from rrg_jax import train
+from conftest import REPO, tiny_config
+from input_pipeline.tokenizer import Tokenizer
+from rrg_jax import checkpointing, optim, sharding, train
+from rrg_jax import train_state as ts
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
@@ -46,3 +55,198 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert r.returncode != 0
   assert "lr_edd" in r.stderr and 'Did you mean "lr_ed"' in r.stderr and "Traceback" not in r.stderr
   assert not any(tmp_path.iterdir())  # nothing was started
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+# The tiny training setup on the embedded sample (15 findings), shared by in-process runs and the CLI config file.
+_TINY = {"data.max_seq_length": 16, "train.epochs": 1, "train.max_eval_examples": 4, "train.log_every_steps": 5}
+
+
+def _tiny(**train_overrides) -> ml_collections.ConfigDict:
+  c = tiny_config(num_classes=15)
+  for k, v in {**_TINY, **{f"train.{k}": v for k, v in train_overrides.items()}}.items():
+    group, name = k.split(".")
+    c[group][name] = v
+  return c
+
+
+def _config_file(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A config file for the CLI returning ``_tiny()`` (imports only conftest, not this module)."""
+  path = tmp_path / "tiny_config.py"
+  path.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nfrom conftest import tiny_config\n\n"
+                  f"def get_config():\n  c = tiny_config(num_classes=15)\n"
+                  f"  for k, v in {_TINY!r}.items():\n    g, n = k.split('.')\n    c[g][n] = v\n  return c\n")
+  return path
+
+
+def _train_cli(tmp_path: pathlib.Path, workdir: pathlib.Path, *overrides: str, **kw):
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  return _cli(f"--config={_config_file(tmp_path)}", f"--workdir={workdir}", *overrides, env=env, **kw)
+
+
+def _popen_train(tmp_path: pathlib.Path, workdir: pathlib.Path, *overrides: str) -> subprocess.Popen:
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  return subprocess.Popen([sys.executable, "-m", "rrg_jax.train", f"--config={_config_file(tmp_path)}",
+                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+  d = workdir / checkpointing.TRAIN_CHECKPOINTS_DIR
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _wait_for_step(workdir: pathlib.Path, proc: subprocess.Popen, min_step: int, timeout: float = 300) -> int:
+  t0 = time.monotonic()
+  while time.monotonic() - t0 < timeout:
+    done = [s for s in _steps(workdir) if s >= min_step]
+    if done:
+      return done[0]
+    assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
+    time.sleep(0.05)
+  raise TimeoutError(f"no checkpoint >= {min_step} in {workdir} after {timeout}s")
+
+
+def _restore_state(workdir: pathlib.Path, step: int) -> dict:
+  """A train checkpoint's state as host numpy arrays (no model or target tree needed)."""
+  path = workdir / checkpointing.TRAIN_CHECKPOINTS_DIR / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _synthetic_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  d, m = config.data, config.model
+  lengths = rng.integers(4, d.max_seq_length + 1, size=batch_size)
+  targets = rng.integers(1, m.vocab_size, size=(batch_size, d.max_seq_length)).astype(np.int32)
+  masks = (np.arange(d.max_seq_length)[None] < lengths[:, None]).astype(np.float32)
+  targets[:, 0] = 0
+  targets[np.arange(batch_size), lengths - 1] = 0
+  targets = np.where(masks > 0, targets, 0).astype(np.int32)
+  labels = (rng.random((batch_size, m.num_classes)) < 0.3).astype(np.float32)
+  labels[:, 0] = 1.0  # every sample has a positive finding (VTAC keeps it)
+  return {"images": rng.normal(size=(batch_size, d.num_views, d.image_size, d.image_size, 3)).astype(np.float32),
+          "targets": targets, "masks": masks, "labels": labels}
+
+
+# --- the jitted step is the same on 1 and on 4 devices ------------------------------------------------------
+
+def test_three_steps_one_device_equal_four_devices():
+  from rrg_jax import losses, models
+
+  config = tiny_config()
+  config.data.max_seq_length = 12
+  model = models.get_model(config.model)
+  loss_fn = lambda out, batch: losses.camanet_loss(out, batch, config)  # noqa: E731
+  tx = optim.make_optimizer(config, steps_per_epoch=10)
+  variables = jax.device_get(ts.init_variables(model, config, jax.random.key(0)))  # host copy: state is donated
+  batches = [_synthetic_batch(config, 8, seed) for seed in range(3)]
+
+  def run(n_devices: int):
+    mesh = sharding.create_mesh((n_devices,))
+    state = jax.device_put(ts.create_train_state(variables, tx, jax.random.key(1)), sharding.replicated(mesh))
+    step = ts.jit_train_step(ts.make_train_step(model, tx, loss_fn), state, mesh)
+    history = []
+    for b in batches:
+      state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+      history.append(jax.device_get(m))
+    return history, jax.device_get(state)
+
+  h1, s1 = run(1)
+  h4, s4 = run(4)
+  for m1, m4 in zip(h1, h4):
+    assert m1["finite"] and m4["finite"]
+    for k in m1:
+      np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert int(s1.step) == int(s4.step) == 3
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s4.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(variables["params"]),
+                                                           jax.tree.leaves(s1.params)))
+  assert moved > 1e-4  # the steps really trained
+
+
+# --- end-to-end CLI run: outputs ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
+  workdir = tmp_path / "run"
+  r = _train_cli(tmp_path, workdir, "--config.optim.lr_ed=0.0005", "--config.train.checkpoint_every_steps=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  resolved = checkpointing.read_config(workdir)
+  tokenizer = Tokenizer.load(workdir / checkpointing.VOCAB_FILE)
+  assert resolved.optim.lr_ed == 0.0005 and resolved.model.d_model == 32
+  assert resolved.model.vocab_size == tokenizer.vocab_size > 10
+  rows = [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
+  steps = next(r for r in rows if r["kind"] == "epoch")["step"]
+  assert steps == 147 // 4
+  train_rows = [r for r in rows if r["kind"] == "train"]
+  assert [r["step"] for r in train_rows] == list(range(5, steps + 1, 5))
+  assert all(np.isfinite(r["loss"]) and r["lr_ed"] == pytest.approx(5e-4) for r in train_rows)
+  epoch = [r for r in rows if r["kind"] == "epoch"]
+  assert len(epoch) == 1 and epoch[0]["improved"] and epoch[0]["best_epoch"] == 1
+  assert {"val_BLEU_1", "val_BLEU_4", "test_BLEU_4", "train_loss"} <= set(epoch[0])
+  assert epoch[0]["score"] == pytest.approx(epoch[0]["val_BLEU_4"] + 0.5 * epoch[0]["val_BLEU_1"])
+  assert list((workdir / train.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+  # best/ is a loadable inference checkpoint holding the (only) epoch's final weights.
+  config, variables, tok = checkpointing.load_inference(workdir)
+  assert config.optim.lr_ed == 0.0005 and tok.vocab_size == tokenizer.vocab_size
+  state = _restore_state(workdir, steps)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(variables["params"])):
+    np.testing.assert_array_equal(np.asarray(b), a)
+
+
+# --- resume: SIGTERM, then SIGKILL, then completion == one uninterrupted run --------------------------------
+
+@pytest.mark.slow
+def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path):
+  args = ("--config.train.epochs=2", "--config.train.checkpoint_every_steps=4", "--config.train.eval_splits=()")
+  ref = tmp_path / "uninterrupted"
+  r = _train_cli(tmp_path, ref, *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  final = _steps(ref)[-1]
+  assert final == 2 * (147 // 4)
+
+  run = tmp_path / "interrupted"
+  proc = _popen_train(tmp_path, run, *args)
+  _wait_for_step(run, proc, 4)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "SIGTERM: saved step" in err
+  stopped = _steps(run)[-1]
+  assert stopped >= 4
+
+  proc = _popen_train(tmp_path, run, *args)  # resumes, then dies hard mid-epoch 2
+  _wait_for_step(run, proc, 147 // 4 + 4)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+
+  r = _train_cli(tmp_path, run, *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from" in r.stderr
+  assert _steps(run)[-1] == final
+  a, b = _restore_state(ref, final), _restore_state(run, final)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))
+
+
+# --- divergence -------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _tiny(checkpoint_every_steps=1, eval_splits=())
+  config.optim.lr_ve = config.optim.lr_ed = 1e30  # step 1 is finite, its update blows the weights up
+  with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss or gradient at step 2 .*last good "
+                                                      r"checkpoint is step 1"):
+    train.train_and_evaluate(config, tmp_path)
+  assert _steps(tmp_path) == [1]
+  state = _restore_state(tmp_path, 1)
+  assert int(state["step"]) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
