@@ -91,6 +91,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
       out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["images"],
                                   batch["targets"], batch["masks"], train=True, rngs={"dropout": key},
                                   mutable=["batch_stats"])
+      # bf16 compute (config.model.dtype) still gets an fp32 loss; params and optimiser state stay fp32.
+      out = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
       loss, parts = loss_fn(out, batch)
       return loss, (parts, new_vars.get("batch_stats", state.batch_stats))
 
