@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   metrics = MetricsLogger(workdir, main)
   speed = _Throughput(config.train.batch_size)
 
-  def save(meta: Progress) -> None:
+  def save(state: ts.TrainState, meta: Progress) -> None:
     ckpt.save(int(state.step), state, data_iter, dataclasses.asdict(meta))
 
   try:
@@ -286,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             metrics.write(step, {"epoch": epoch + 1, **parts, **lrs, "examples_per_s": rate}, "train")
           every = config.train.checkpoint_every_steps
           if sigterm.raised or (every and step % every == 0 and progress.batches_done < steps_per_epoch):
-            save(progress)
+            save(state, progress)
           if sigterm.raised:
             ckpt.wait()
             logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.", step,
@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         logging.info("Epoch %d: %s", epoch + 1, json.dumps(row, sort_keys=True))
         if progress.early_stopped:
           logging.info("Early stopping: %d epochs in a row without improvement.", progress.bad_epochs)
-        save(progress)
+        save(state, progress)
         speed.reset()
         if sigterm.raised:
           return progress
