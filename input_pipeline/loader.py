@@ -49,7 +49,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import records, transforms
@@ -216,6 +216,8 @@ def _read_options() -> grain.ReadOptions:
 
 def _maybe_mp(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside absl.app use their defaults
+      flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
   return ds
 
