@@ -45,6 +45,8 @@ LABEL_KEY_RULES = ("id", "iu")
 ON_BAD_RECORD = ("error", "skip")
 IMAGES_DIR = "images"
 _RECORD_KEYS = ("id", "report", "image_path")
+# round(v * 255 / 65535) == (v + 128) // 257 for every 16-bit v (65535 = 255 * 257, no ties).
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
 class DataError(ValueError):
@@ -168,9 +170,10 @@ def decode_image(data: bytes, where: str) -> PIL.Image.Image:
   if im.mode == "L":
     return im
   if im.mode.startswith("I"):
-    a = np.asarray(im).astype(np.int64)
-    a = np.clip(a, 0, 65535)
-    return PIL.Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    a = np.asarray(im)
+    if a.dtype != np.uint16:
+      a = np.clip(a, 0, 65535).astype(np.uint16)
+    return PIL.Image.fromarray(_SIXTEEN_TO_EIGHT[a], "L")
   if im.mode == "LA":
     return im.convert("L")
   return im.convert("RGB")
