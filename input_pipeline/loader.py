@@ -6,7 +6,7 @@ Public API::
     load_records(config, split) -> list[records.Record]     # validated records (folder source)
     raw_source(config, split) -> Sequence[dict]              # raw examples, folder or TFDS (config.data.source)
     steps_per_epoch(config) -> int                           # len(train) // config.train.batch_size
-    train_dataset(config, tokenizer, *, seed) -> grain.IterDataset   # endless train batches (epochs repeat)
+    train_dataset(config, tokenizer, *, seed) -> ResumableBatches    # endless train batches (a grain.IterDataset)
     eval_batches(config, tokenizer, split) -> Iterator[dict]          # one pass, in order, padded last batch
     to_global_batch(batch, mesh) -> dict[str, jax.Array]     # host-local numpy batch → global P('data') arrays
 
@@ -33,7 +33,8 @@ global batch ``b`` is ``permutation_e[b * B:(b + 1) * B]`` (the last partial bat
 takes its rows ``[i * Bl, (i + 1) * Bl)``. The random transforms of epoch position ``p`` use
 ``default_rng([seed, e, p])``. A batch is therefore a pure function of its index: the same seed gives the same
 batches for any ``config.data.num_workers`` (Grain ``mp_prefetch`` processes) and process count, and the
-iterator's Grain state (``get_state``/``set_state``, ``grain.checkpoint``) resumes at the exact next batch.
+iterator's state (``{"next_batch": n}`` via ``get_state``/``set_state``, saved by ``grain.checkpoint``) resumes at
+the exact next batch, also with a different worker count.
 """
 
 from __future__ import annotations
@@ -222,6 +223,55 @@ def _maybe_mp(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   return ds
 
 
+class ResumableBatches(grain.IterDataset):
+  """Iterates a ``MapDataset`` of batches through Grain (threads + ``mp_prefetch`` workers); the iterator state
+  is ``{"next_batch": n}``, valid for any worker count: ``set_state`` restarts the pipeline at batch ``n``."""
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int):
+    super().__init__()
+    self.batches, self.num_workers = batches, num_workers
+
+  def __iter__(self) -> _ResumableIterator:
+    return _ResumableIterator(self.batches, self.num_workers)
+
+
+class _ResumableIterator(grain.DatasetIterator):
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int):
+    super().__init__()
+    self._batches, self._num_workers = batches, num_workers
+    self._next_batch = 0
+    self._it = None
+
+  def _start(self):
+    ds = self._batches[self._next_batch:].to_iter_dataset(_read_options())
+    self._it = iter(_maybe_mp(ds, self._num_workers))
+
+  def __next__(self) -> dict[str, Any]:
+    self._assert_not_closed()
+    if self._it is None:
+      self._start()
+    batch = next(self._it)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_batch": self._next_batch}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._stop()
+    self._next_batch = int(state["next_batch"])
+
+  def _stop(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+  def close(self) -> None:
+    self._stop()
+    super().close()
+
+
 class _TrainExample:
   """Local stream position → prepared example of (epoch, epoch position), see the module docstring."""
 
@@ -258,7 +308,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, se
                      f"{config.train.batch_size}.")
   ds = grain.MapDataset.range(_ENDLESS - _ENDLESS % lbs).map(fn).batch(lbs, drop_remainder=True,
                                                                           batch_fn=collate)
-  return _maybe_mp(ds.to_iter_dataset(_read_options()), int(config.data.num_workers))
+  return ResumableBatches(ds, int(config.data.num_workers))
 
 
 class _EvalExample:

@@ -3,6 +3,8 @@ per-process sharding, folder vs TFDS sources, to_global_batch."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -82,7 +84,10 @@ def test_epochs_shuffle_and_drop_last(config, tokenizer):
 
 
 def test_same_batches_with_two_workers_and_resume(config, tokenizer):
-  ref = _take(iter(loader.train_dataset(config, tokenizer, seed=5)), 5)
+  it0 = iter(loader.train_dataset(config, tokenizer, seed=5))
+  ref = _take(it0, 3)
+  state0 = json.loads(json.dumps(it0.get_state()))  # what grain.checkpoint writes
+  ref += _take(it0, 2)
   c = config.copy_and_resolve_references()
   c.data.num_workers = 2
   it = iter(loader.train_dataset(c, tokenizer, seed=5))
@@ -92,13 +97,16 @@ def test_same_batches_with_two_workers_and_resume(config, tokenizer):
     got += _take(it, 2)
   finally:
     it.close()
+  assert state == state0 == {"next_batch": 3}
   assert all(_same(a, b) for a, b in zip(ref, got))
-  resumed = iter(loader.train_dataset(c, tokenizer, seed=5))
+  resumed = iter(loader.train_dataset(c, tokenizer, seed=5))  # 0-worker state, resumed with 2 workers
   try:
-    resumed.set_state(state)
+    resumed.set_state(state0)
     assert all(_same(a, b) for a, b in zip(ref[3:], _take(resumed, 2)))
   finally:
     resumed.close()
+  with pytest.raises(ValueError):
+    next(resumed)
 
 
 def test_resume_across_epoch_boundary(config, tokenizer):
@@ -207,3 +215,18 @@ def test_bad_records_skip_and_errors(tmp_path, tokenizer):
   c.train.batch_size = 16
   with pytest.raises(ValueError, match="fewer than config.train.batch_size"):
     loader.steps_per_epoch(c)
+
+
+def test_orbax_grain_checkpoint_round_trip(config, tokenizer, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  it = iter(loader.train_dataset(config, tokenizer, seed=8))
+  _take(it, 2)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
+    m.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    m.wait_until_finished()
+    expected = next(it)
+    fresh = iter(loader.train_dataset(config, tokenizer, seed=8))
+    m.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert _same(next(fresh), expected)
