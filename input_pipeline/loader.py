@@ -3,6 +3,7 @@
 Public API::
 
     build_tokenizer(config) -> Tokenizer                    # vocabulary of the train split (spec §2.2)
+    check_tokenizer(config, tokenizer, what) -> None         # VocabularyMismatchError if it differs from the data's
     load_records(config, split) -> list[records.Record]     # validated records (folder source)
     raw_source(config, split) -> Sequence[dict]              # raw examples, folder or TFDS (config.data.source)
     steps_per_epoch(config) -> int                           # len(train) // config.train.batch_size
@@ -140,6 +141,12 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer.build((r.report for r in load_records(config, "train")), d.threshold, d.clean)
   counts = _tfds_builder(config).info.metadata["word_counts"][d.clean]
   return Tokenizer.from_counts(counts, d.threshold, d.clean)
+
+
+def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer, what: str) -> None:
+  """Raises ``VocabularyMismatchError`` unless ``tokenizer`` (e.g. a checkpoint's, described by ``what``) equals
+  the vocabulary of the configured data."""
+  build_tokenizer(config).check_matches(tokenizer, what)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -191,8 +191,7 @@ def _bad(on_bad_record: str, problems: list[str], where: str) -> None:
 
 def load_split(data_dir: str | pathlib.Path, split: str, *, annotation: str = "annotation.json",
                labels: str = "labels.json", label_key_rule: str = "id", num_views: int = 1,
-               num_classes: int | None = None, on_bad_record: str = "error",
-               check_images: bool = True) -> list[Record]:
+               num_classes: int | None = None, on_bad_record: str = "error") -> list[Record]:
   """The validated records of ``split`` (annotation order); see the module docstring for the rules."""
   if on_bad_record not in ON_BAD_RECORD:
     raise DataError(f"config.data.on_bad_record={on_bad_record!r}; choose one of {ON_BAD_RECORD}.")
@@ -228,16 +227,13 @@ def load_split(data_dir: str | pathlib.Path, split: str, *, annotation: str = "a
       continue
     paths = tuple(str(images / p) for p in r["image_path"][:num_views])
     candidates.append(Record(rid, r["report"], paths, vec))
-  if check_images:
-    flat = [p for rec in candidates for p in rec.image_paths]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      status = dict(zip(flat, pool.map(image_problem, flat)))
-  else:
-    status = {}
+  flat = [p for rec in candidates for p in rec.image_paths]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    status = dict(zip(flat, pool.map(image_problem, flat)))
   out = []
   for rec in candidates:
     bad = [f"record {rec.id!r} (split {split!r} of {ann_path}): {status[p]}: {p}"
-           for p in rec.image_paths if status.get(p)]
+           for p in rec.image_paths if status[p]]
     if bad:
       problems.append(bad[0])
     else:

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
 from input_pipeline import loader, records
-from input_pipeline.tokenizer import Tokenizer
+from input_pipeline.tokenizer import Tokenizer, VocabularyMismatchError
 
 ARRAY_KEYS = ("images", "targets", "masks", "labels")
 
@@ -37,9 +37,14 @@ def _same(a, b):
   return a["ids"] == b["ids"] and all(np.array_equal(a[k], b[k]) for k in a if k != "ids")
 
 
-def test_tokenizer_from_train_split(config, tokenizer):
+def test_tokenizer_from_train_split(config, tokenizer, tmp_path):
   train = records.load_split("", "train", num_classes=15)
   assert tokenizer == Tokenizer.build([r.report for r in train], threshold=2, clean="mimic")
+  tokenizer.save(tmp_path / "vocab.json")
+  loader.check_tokenizer(config, Tokenizer.load(tmp_path / "vocab.json"), "checkpoint A")
+  other = Tokenizer.build([r.report for r in train], threshold=3, clean="mimic")
+  with pytest.raises(VocabularyMismatchError, match="checkpoint B: .*vocab_size"):
+    loader.check_tokenizer(config, other, "checkpoint B")
 
 
 def test_train_batch_format(config, tokenizer):
