@@ -98,13 +98,15 @@ def _tfds_builder(config: ml_collections.ConfigDict):
   from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
 
   return tfds_builders.prepared_builder(config.data.name, data_dir=tfds_dir(config),
-                                        manual_dir=config.data.data_dir or None,
+                                        manual_dir=(records.resolve_data_dir(config.data.data_dir)
+                                                    if config.data.data_dir else None),
                                         on_bad_record=config.data.on_bad_record,
                                         prepare=jax.process_count() == 1)
 
 
 class TfdsSource(Sequence):
-  """Raw examples (the ``records.FolderSource`` dict) from a TFDS ArrayRecord split via ``tfds.data_source``."""
+  """Raw examples (the ``records.FolderSource`` dict) from a TFDS ArrayRecord split (``as_data_source``, the
+  object ``tfds.data_source`` returns)."""
 
   def __init__(self, data_source):
     self._ds = data_source
