@@ -140,13 +140,16 @@ class _SigtermFlag:
 # --- set-up -------------------------------------------------------------------------------------------------
 
 def _load_or_build_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """A resumed run reuses ``WORKDIR/vocab.json``; a fresh one builds the vocabulary from the train split."""
+  """A resumed run reuses ``WORKDIR/vocab.json`` (after checking it against the data's vocabulary); a fresh one
+  builds the vocabulary from the train split and saves it."""
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
   from input_pipeline.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
   vocab = workdir / checkpointing.VOCAB_FILE
   if vocab.is_file():
-    return Tokenizer.load(vocab)
+    tokenizer = Tokenizer.load(vocab)
+    loader.check_tokenizer(config, tokenizer, f"the vocabulary {vocab} of the run being resumed")
+    return tokenizer
   tokenizer = loader.build_tokenizer(config)
   if jax.process_index() == 0:
     tokenizer.save(vocab)
