@@ -59,6 +59,14 @@ def test_cli_rejects_unknown_config_key(tmp_path):
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
+def _require_model_and_evaluation() -> None:
+  """Skips (naming the module) until the model, losses and evaluation modules exist."""
+  for name, attr in (("rrg_jax.models", "get_model"), ("rrg_jax.losses", "camanet_loss"),
+                     ("rrg_jax.evaluate", "evaluate_split")):
+    if not hasattr(pytest.importorskip(name, reason=f"{name} has not landed yet"), attr):
+      pytest.skip(f"{name}.{attr} has not landed yet")
+
+
 # The tiny training setup on the embedded sample (15 findings), shared by in-process runs and the CLI config file.
 _TINY = {"data.max_seq_length": 16, "train.epochs": 1, "train.max_eval_examples": 4, "train.log_every_steps": 5}
 
@@ -137,7 +145,8 @@ def _synthetic_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray
 # --- the jitted step is the same on 1 and on 4 devices ------------------------------------------------------
 
 def test_three_steps_one_device_equal_four_devices():
-  from rrg_jax import losses, models
+  _require_model_and_evaluation()
+  from rrg_jax import losses, models  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
   config.data.max_seq_length = 12
@@ -177,6 +186,7 @@ def test_three_steps_one_device_equal_four_devices():
 
 @pytest.mark.slow
 def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
+  _require_model_and_evaluation()
   workdir = tmp_path / "run"
   r = _train_cli(tmp_path, workdir, "--config.optim.lr_ed=0.0005", "--config.train.checkpoint_every_steps=0")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -207,6 +217,7 @@ def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path):
+  _require_model_and_evaluation()
   args = ("--config.train.epochs=2", "--config.train.checkpoint_every_steps=4", "--config.train.eval_splits=()")
   ref = tmp_path / "uninterrupted"
   r = _train_cli(tmp_path, ref, *args)
@@ -241,6 +252,7 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path):
 # --- divergence -------------------------------------------------------------------------------------------
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  _require_model_and_evaluation()
   config = _tiny(checkpoint_every_steps=1, eval_splits=())
   config.optim.lr_ve = config.optim.lr_ed = 1e30  # step 1 is finite, its update blows the weights up
   with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss or gradient at step 2 .*last good "
