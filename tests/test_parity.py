@@ -237,6 +237,17 @@ def test_reference_vdm_hand_computed():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("topk", [0.25, 0.3])
+@pytest.mark.parametrize("lengths", [[51, 91, 20, 100], [51, 91, 3, 40]])
+def test_vtac_topk_edge_cases_through_the_model(topk, lengths):
+  """len_b = 50 and 90 (ids incl. BOS and EOS = 51, 91) with batch lengths L = 99 (no cap: m = 16 / 28 at
+  topk 0.3) and L = 90 (k_batch = 27 caps the 28): the Flax TDM must equal the torch one."""
+  config = tiny_config(num_views=1)
+  config.data.max_seq_length = 100
+  config.model.topk = topk
+  eval_parity(config, lengths, seed=int(topk * 100) + len(set(lengths)))
+
+
 # --- beam search ----------------------------------------------------------------------------------------------
 
 def beam_parity(config, lengths, seed):
