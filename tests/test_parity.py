@@ -203,14 +203,38 @@ def test_train_parity_full_iu():
 
 # --- VTAC top-k counts ----------------------------------------------------------------------------------------
 
+VTAC_CASES = [  # (topk, len_b, L_batch, selected rows): m = ceil(float32(len·topk)) capped by int(topk·L)
+    (0.25, 50, 99, 13), (0.25, 90, 99, 23), (0.3, 50, 99, 16), (0.3, 90, 99, 28), (0.3, 90, 90, 27),
+    (0.25, 50, 50, 12)]
+
+
+def crafted_vtac_inputs(len_b: int, l_batch: int):
+  """One sample whose TDM has exactly m non-zeros: row j attends only to patch j (N = L) and the similarities
+  cos(E_j, r) decrease with j, so the selected rows are 0..m−1. Returns r (1, 2), E (1, L, 2), A (1, 1, L, L),
+  targets (1, L+1)."""
+  theta = np.linspace(0.0, 1.4, l_batch)
+  emb = np.stack([np.cos(theta), np.sin(theta)], -1)[None].astype(np.float32)
+  targets = np.zeros((1, l_batch + 1), np.int64)
+  targets[0, 1:len_b] = 5
+  return (np.array([[1.0, 0.0]], np.float32), emb, np.eye(l_batch, dtype=np.float32)[None, None], targets)
+
+
+@pytest.mark.parametrize("topk,len_b,l_batch,m", VTAC_CASES)
+def test_reference_vtac_topk_counts(topk, len_b, l_batch, m):
+  """Spec §6.4 numbers: topk 0.3 → 16 and 28 rows for lengths 50 and 90 (float32 ceil), capped by the batch."""
+  r, emb, attn, targets = crafted_vtac_inputs(len_b, l_batch)
+  tdm = ref.cam_attn_con(*map(torch.from_numpy, (r, emb, attn, targets)), topk)
+  assert int((tdm[0] > 0).sum()) == m  # unselected patches stay at the minimum 0
+
+
 @pytest.mark.parametrize("topk", [0.25, 0.3])
-@pytest.mark.parametrize("length", [50, 90])
-def test_vtac_topk_counts(topk, length):
-  """Spec §6.4: m_b = ceil(float32(len·topk)) capped by int(topk·L_batch); 0.3·50 → 16 and 0.3·90 → 28."""
-  k_batch, m, _ = ref.vtac_counts(torch.tensor([[0] + [5] * (length - 1) + [0], [0] * 4 + [0] * (length - 3)]),
-                                  topk)
-  assert int(m[0]) == {(0.25, 50): 13, (0.25, 90): 23, (0.3, 50): 16, (0.3, 90): 28}[(topk, length)]
-  assert k_batch == int(topk * length)
+@pytest.mark.parametrize("lengths", [[51, 91, 20, 100], [51, 91, 3, 40]])
+def test_eval_parity_long_reports_dynamic_length(topk, lengths):
+  """Reports of 50/90 tokens in batches whose own pad length is 99 or 90 (the VTAC cap), 100-token model."""
+  config = tiny_config(num_views=1)
+  config.data.max_seq_length = 100
+  config.model.topk = topk
+  eval_parity(config, lengths, seed=int(topk * 100) + len(set(lengths)))
 
 
 def test_reference_vtac_hand_computed():
@@ -235,17 +259,6 @@ def test_reference_vdm_hand_computed():
   rep = d_v @ patch[0].numpy()  # [3.25, -0.75]
   np.testing.assert_allclose(fore_rep[0, 0].detach().numpy(), (rep - rep.mean()) / (np.std(rep, ddof=1) + 1e-6),
                              rtol=1e-6)
-
-
-@pytest.mark.parametrize("topk", [0.25, 0.3])
-@pytest.mark.parametrize("lengths", [[51, 91, 20, 100], [51, 91, 3, 40]])
-def test_vtac_topk_edge_cases_through_the_model(topk, lengths):
-  """len_b = 50 and 90 (ids incl. BOS and EOS = 51, 91) with batch lengths L = 99 (no cap: m = 16 / 28 at
-  topk 0.3) and L = 90 (k_batch = 27 caps the 28): the Flax TDM must equal the torch one."""
-  config = tiny_config(num_views=1)
-  config.data.max_seq_length = 100
-  config.model.topk = topk
-  eval_parity(config, lengths, seed=int(topk * 100) + len(set(lengths)))
 
 
 # --- beam search ----------------------------------------------------------------------------------------------
