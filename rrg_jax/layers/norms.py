@@ -1,0 +1,63 @@
+"""R2Gen layer norms (spec §5.1, §5.3): unbiased std with eps added to the std, statistics in float32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rrg_jax.layers.linear import Linear
+
+
+def _normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
+  """``gamma · (x − mean) / (std_unbiased + eps) + beta`` over the last axis in float32, torch's op order."""
+  x = x.astype(jnp.float32)
+  xc = x - jnp.mean(x, axis=-1, keepdims=True)
+  std = jnp.sqrt(jnp.sum(xc * xc, axis=-1, keepdims=True) / (x.shape[-1] - 1))
+  return gamma * xc / (std + eps) + beta
+
+
+class LayerNorm(nn.Module):
+  """``gamma · (x − mean) / (std_unbiased + eps) + beta``; (..., D) → (..., D) in ``dtype``.
+
+  Params ``gamma`` (D,) init 1, ``beta`` (D,) init 0. Not ``flax.linen.LayerNorm`` (biased var, eps inside sqrt).
+  """
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    gamma = self.param("gamma", nn.initializers.ones, (d,), jnp.float32)
+    beta = self.param("beta", nn.initializers.zeros, (d,), jnp.float32)
+    return _normalize(x, gamma, beta, self.eps).astype(self.dtype)
+
+
+class ConditionalLayerNorm(nn.Module):
+  """Memory-driven conditional LayerNorm (MCLN) of R2Gen.
+
+  ``(gamma + mlp_gamma(r)) · (x − mean) / (std_unbiased + eps) + (beta + mlp_beta(r))`` where
+  ``mlp_* = Linear(S·Dm → D) → ReLU → Linear(D → D)`` (params ``mlp_gamma_0``, ``mlp_gamma_2``, ``mlp_beta_0``,
+  ``mlp_beta_2``: Xavier-uniform kernels, biases 0.1).
+
+  Call: x (..., L, D), memory r (..., L, S·Dm) → (..., L, D).
+  """
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, memory: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    gamma = self.param("gamma", nn.initializers.ones, (d,), jnp.float32)
+    beta = self.param("beta", nn.initializers.zeros, (d,), jnp.float32)
+    bias_init = nn.initializers.constant(0.1)
+
+    def mlp(prefix: str) -> jax.Array:
+      h = Linear(d, bias_init=bias_init, dtype=self.dtype, name=f"{prefix}_0")(memory)
+      return Linear(d, bias_init=bias_init, dtype=self.dtype, name=f"{prefix}_2")(nn.relu(h))
+
+    delta_gamma = mlp("mlp_gamma").astype(jnp.float32)
+    delta_beta = mlp("mlp_beta").astype(jnp.float32)
+    return _normalize(x, gamma + delta_gamma, beta + delta_beta, self.eps).astype(self.dtype)
