@@ -1,0 +1,63 @@
+"""Losses against hand-computed values and torch: token-mean CE, BCE-with-logits, VTAC MSE (0 if none kept)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from rrg_jax import losses
+
+
+def test_cross_entropy_token_mean_over_batch():
+  logp = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]],
+                          [[0.3, 0.3, 0.4], [0.9, 0.05, 0.05], [0.2, 0.2, 0.6]]], np.float32))
+  targets = np.array([[0, 1, 0, 0], [0, 2, 0, 0]], np.int32)
+  masks = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+  # predicted positions: sample 0 → [1, 0] (pos 2 masked), sample 1 → [2, 0, 0]
+  want = -(np.log(0.25) + np.log(0.1) + np.log(0.4) + np.log(0.9) + np.log(0.2)) / 5
+  np.testing.assert_allclose(float(losses.cross_entropy(logp, targets, masks)), want, rtol=1e-6)
+
+
+def test_bce_with_logits_matches_torch():
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(4, 14)) * 30).astype(np.float32)  # large logits: stable form
+  y = (rng.random((4, 14)) < 0.3).astype(np.float32)
+  want = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(x), torch.from_numpy(y)).item()
+  np.testing.assert_allclose(float(losses.bce_with_logits(x, y)), want, rtol=1e-6)
+
+
+def test_vtac_mse_only_samples_with_positive_labels():
+  tdm = jnp.array([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]])
+  vdm = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  labels = jnp.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # sample 1 has no positive: excluded
+  np.testing.assert_allclose(float(losses.vtac_mse(tdm, vdm, labels)), (1 + 0 + 1 + 1) / 4)
+
+
+def test_vtac_mse_is_zero_not_nan_when_no_sample_qualifies():
+  tdm = jnp.array([[1.0, 0.0]])
+  f = lambda t: losses.vtac_mse(t, jnp.zeros((1, 2)), jnp.zeros((1, 3)))
+  assert float(f(tdm)) == 0.0
+  np.testing.assert_array_equal(np.asarray(jax.grad(f)(tdm)), 0.0)
+
+
+def test_camanet_loss_total_and_parts():
+  rng = np.random.default_rng(1)
+  out = {"logprobs": jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 3, 5)).astype(np.float32))),
+         "logits": jnp.asarray(rng.normal(size=(2, 4)).astype(np.float32)),
+         "tdm": jnp.asarray(rng.random((2, 6)).astype(np.float32)),
+         "vdm": jnp.asarray(rng.random((2, 6)).astype(np.float32))}
+  batch = {"targets": jnp.array([[0, 1, 2, 0], [0, 3, 0, 0]]), "masks": jnp.array([[1.0, 1, 1, 1], [1, 1, 1, 0]]),
+           "labels": jnp.array([[1.0, 0, 0, 0], [0, 0, 1, 1]])}
+  total, parts = losses.camanet_loss(out, batch, cls_w=1.0, mse_w=0.15, use_vtac=True)
+  ce = losses.cross_entropy(out["logprobs"], batch["targets"], batch["masks"])
+  bce = losses.bce_with_logits(out["logits"], batch["labels"])
+  mse = jnp.mean((out["tdm"] - out["vdm"]) ** 2)
+  np.testing.assert_allclose([parts[k] for k in ("ce", "bce", "mse")], [ce, bce, mse], rtol=1e-6)
+  np.testing.assert_allclose(float(total), float(ce + bce + 0.15 * mse), rtol=1e-6)
+  assert parts["loss"] is total
+  no_vtac = {k: v for k, v in out.items() if k != "tdm"}
+  total, parts = losses.camanet_loss(no_vtac, batch, cls_w=0.5, mse_w=0.15, use_vtac=False)
+  assert float(parts["mse"]) == 0.0
+  np.testing.assert_allclose(float(total), float(ce + 0.5 * bce), rtol=1e-6)
