@@ -40,8 +40,15 @@ def positional_encoding(length: int, d_model: int) -> np.ndarray:
 
 
 def causal_mask(length: int) -> jax.Array:
-  """(1, L, L) bool: key j visible from query i iff j ≤ i."""
+  """(1, L, L) bool: key j visible from query i iff j ≤ i (the sampling mask of the original)."""
   return jnp.tril(jnp.ones((1, length, length), bool))
+
+
+def padded_causal_mask(seq: jax.Array) -> jax.Array:
+  """Training mask (B, L, L) bool for seq (B, L) int: key j visible from query i iff j ≤ i and
+  (seq[j] > 0 or j == 0) — BOS always visible, the input copy of EOS and pads hidden."""
+  keys = (seq > 0) | (jnp.arange(seq.shape[1]) == 0)[None]
+  return keys[:, None, :] & causal_mask(seq.shape[1])
 
 
 class Embeddings(nn.Module):
