@@ -169,7 +169,8 @@ def _make_loss_fn(config: ml_collections.ConfigDict):
   from rrg_jax import losses  # pylint: disable=g-import-not-at-top
 
   def loss_fn(out, batch):
-    return losses.camanet_loss(out, batch, config)
+    return losses.camanet_loss(out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
+                               use_vtac=config.model.use_vtac)
   return loss_fn
 
 
