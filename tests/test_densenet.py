@@ -96,6 +96,7 @@ def test_densenet_matches_torch_train_and_eval(size):
                state["batch_stats"], want_stats)
 
 
+@pytest.mark.slow
 def test_remat_same_values_and_gradients():
   _, _, fnet, variables = make_pair(1)
   remat = DenseNet(**TINY, remat=True)
