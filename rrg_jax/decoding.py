@@ -161,55 +161,67 @@ def camanet_step_fns(model: nn.Module, variables: Any, memory: jax.Array, max_le
                      ) -> tuple[StepFn, Any]:
   """(step_fn, init_state) for the decoder of ``model`` given the encoder memory (B, N, D).
 
-  Cached: ``model.init_decode_cache(memory, max_len)`` and ``model.decode_step(cache, token)``. Full prefix: the
-  state is ``{"memory", "seq" (B, max_len) prefix buffer, "pos" (B,)}`` and ``model.decode_full(memory, seq)``
-  is re-run over the whole buffer; the log-probs at ``pos`` are used.
+  Cached: state ``{"memory", "cache"}`` with ``model.init_decode_cache(memory, max_len)`` advanced by
+  ``model.decode_step``. Full prefix: state ``{"memory", "seq" (B, max_len) prefix buffer, "pos" (B,)}``;
+  ``model.decode_full(memory, seq)`` is re-run over the whole buffer (causal) and the log-probs at ``pos`` used.
   """
-  if cached:
-    cache = model.apply(variables, memory, max_len, method="init_decode_cache")
-
-    def cached_step(cache, tokens):
-      return model.apply(variables, cache, tokens, method="decode_step")
-
-    return cached_step, cache
-
   b = memory.shape[0]
-  state = {"memory": memory, "seq": jnp.zeros((b, max_len), jnp.int32), "pos": jnp.zeros((b,), jnp.int32)}
+  if cached:
+    def cached_step(state, tokens):
+      logp, cache, _ = model.apply(variables, state["memory"], state["cache"], tokens, method="decode_step")
+      return logp, {"memory": state["memory"], "cache": cache}
+
+    cache = model.apply(variables, memory, max_len, method="init_decode_cache")
+    return cached_step, {"memory": memory, "cache": cache}
 
   def full_step(state, tokens):
     pos = state["pos"]
     seq = jnp.where(jnp.arange(max_len)[None] == pos[:, None], tokens[:, None], state["seq"])
-    logp = model.apply(variables, state["memory"], seq, method="decode_full")
+    logp, _ = model.apply(variables, state["memory"], seq, method="decode_full")
     logp = jnp.take_along_axis(logp, pos[:, None, None], axis=1)[:, 0]
     return logp, {"memory": state["memory"], "seq": seq, "pos": pos + 1}
 
-  return full_step, state
+  return full_step, {"memory": memory, "seq": jnp.zeros((b, max_len), jnp.int32),
+                     "pos": jnp.zeros((b,), jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "beam_size", "max_len", "cached"))
+def word_attention(model: nn.Module, variables: Any, memory: jax.Array, tokens: jax.Array, layer: int
+                   ) -> jax.Array:
+  """Cross-attention that produced each generated word: tokens (B, T) → (B, T, N) head-mean attention of decoder
+  layer ``layer`` at the step that emitted ``tokens[:, i]`` (teacher-forced on ``[BOS] + tokens[:, :-1]``)."""
+  seq = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+  _, attns = model.apply(variables, memory, seq, method="decode_full")
+  return jnp.mean(attns[layer].astype(jnp.float32), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "beam_size", "max_len", "cached", "attention_layer"))
 def _generate(model: nn.Module, variables: Any, images: jax.Array, *, method: str, beam_size: int, max_len: int,
-              cached: bool) -> dict[str, jax.Array]:
+              cached: bool, attention_layer: int | None) -> dict[str, jax.Array]:
   enc = model.apply(variables, images, method="encode")
   step_fn, state = camanet_step_fns(model, variables, enc["memory"], max_len, cached=cached)
   if method == "beam":
     dec = beam_search(step_fn, state, images.shape[0], beam_size=beam_size, max_len=max_len)
   else:
     dec = greedy(step_fn, state, images.shape[0], max_len=max_len)
-  out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, "probs": jax.nn.sigmoid(enc["logits"])}
-  for key in ("vdm", "memory"):
-    out[key] = enc[key]
+  out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, "probs": enc["probs"], "vdm": enc["vdm"]}
+  if attention_layer is not None:
+    out["word_attention"] = word_attention(model, variables, enc["memory"], dec.tokens, attention_layer)
   return out
 
 
-def generate_reports(model: nn.Module, variables: Any, images: jax.Array, *, config: ml_collections.ConfigDict
-                     ) -> dict[str, jax.Array]:
-  """Encodes images (B, V, H, W, 3) once and decodes (eval mode) →
+def generate_reports(model: nn.Module, variables: Any, images: jax.Array, *, config: ml_collections.ConfigDict,
+                     with_attention: bool = False) -> dict[str, jax.Array]:
+  """Encodes images (B, V, H, W, 3) once (eval mode) and decodes →
+
   ``tokens`` (B, T) int32 (T = ``config.data.max_seq_length``; text = ``tokenizer.decode``), ``scores`` (B,)
-  summed log-probs, ``probs`` (B, C) classifier sigmoid, ``vdm`` (B, N) visual discriminative map, ``memory``
-  (B, N, D) decoder memory. ``config.decode.method``: "beam" | "greedy"; ``config.decode.cached``: KV cache or
-  full-prefix recompute (identical tokens)."""
+  summed log-probs, ``steps`` () decoder steps run, ``probs`` (B, C) classifier sigmoid, ``vdm`` (B, N) visual
+  discriminative map and, ``with_attention``, ``word_attention`` (B, T, N') (see ``word_attention``; layer
+  ``config.model.layer_id``). ``config.decode.method``: "beam" | "greedy"; ``config.decode.cached``: KV cache or
+  full-prefix recompute (identical tokens).
+  """
   d = config.decode
   if d.method not in METHODS:
     raise ValueError(f"config.decode.method={d.method!r}; choose one of {METHODS}.")
   return _generate(model, variables, images, method=str(d.method), beam_size=int(d.beam_size),
-                   max_len=int(config.data.max_seq_length), cached=bool(d.cached))
+                   max_len=int(config.data.max_seq_length), cached=bool(d.cached),
+                   attention_layer=int(config.model.layer_id) if with_attention else None)

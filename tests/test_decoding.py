@@ -154,3 +154,89 @@ def test_early_exit_stops_once_no_hypothesis_can_win():
     assert int(out.steps) == steps
     np.testing.assert_array_equal(np.asarray(out.tokens), 0)
     np.testing.assert_array_equal(np.asarray(out.scores), 0.0)
+
+
+# --- CAMANet adapter ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_camanet():
+  """Tiny CAMANet (2 views, K = 12, T = 12) with a sharper output layer, and a random decoder memory (6, 8, 32)
+  that makes the six hypotheses differ (empty, EOS-ended and forced endings)."""
+  models = pytest.importorskip("rrg_jax.models", reason="rrg_jax.models has not landed")
+  config = tiny_config(num_views=2, vocab_size=12)
+  config.data.max_seq_length = 12
+  model = models.get_model(config.model)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 2, 64, 64, 3)), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, jnp.zeros((2, 12), jnp.int32),
+      jnp.ones((2, 12)))
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 4 if "'logit'" in jax.tree_util.keystr(p) and x.ndim == 2 else x, variables)
+  memory = jnp.asarray(3 * rng.normal(size=(6, 8, 32)), jnp.float32)
+  return config, model, variables, images, memory
+
+
+@pytest.mark.parametrize("beam_size", [3, 1])
+def test_camanet_cached_equals_full_prefix(tiny_camanet, beam_size):
+  config, model, variables, _, memory = tiny_camanet
+  outs = []
+  for cached in (True, False):
+    step_fn, state = decoding.camanet_step_fns(model, variables, memory, 12, cached=cached)
+    outs.append(jax.device_get(jax.jit(functools.partial(
+        decoding.beam_search, step_fn, batch_size=6, beam_size=beam_size, max_len=12))(state)))
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].scores, outs[1].scores, rtol=1e-5)
+  if beam_size == 3:
+    ends = {"empty" if r[0] == 0 else "forced" if r[-1] != 0 else "eos" for r in outs[0].tokens}
+    assert ends == {"empty", "forced", "eos"}
+
+
+def test_camanet_beam_equals_reference_over_decode_full(tiny_camanet):
+  """The cached search equals the numpy spec-§9 loop driven by ``decode_full`` on each prefix (BOS + prefix,
+  zero padded to T: the decoder is causal; all images and beams in one call per step)."""
+  config, model, variables, _, memory = tiny_camanet
+  t, nb, beam = 12, memory.shape[0], 3
+  step_fn, state = decoding.camanet_step_fns(model, variables, memory, t, cached=True)
+  got = np.asarray(decoding.beam_search(step_fn, state, nb, beam_size=beam, max_len=t).tokens)
+  decode = jax.jit(lambda mem, seq: model.apply(variables, mem, seq, method="decode_full")[0])
+
+  def logps(beams_per_image, width):  # (nb, width, K) next-token log-probs after BOS + each beam's prefix
+    prefixes = [seq for beams in beams_per_image for seq, _ in beams]
+    seqs = np.zeros((len(prefixes), t), np.int32)
+    for n, seq in enumerate(prefixes):
+      seqs[n, 1:len(seq) + 1] = seq
+    out = np.asarray(decode(jnp.repeat(memory, width, axis=0), jnp.asarray(seqs)))
+    return out[np.arange(len(prefixes)), [len(seq) for seq in prefixes]].reshape(nb, width, -1)
+
+  beams = [[([], np.float32(0))] for _ in range(nb)]
+  cur, done = logps(beams, 1), [[] for _ in range(nb)]
+  for step in range(t):
+    for b in range(nb):
+      k = cur.shape[-1]
+      cand = np.concatenate([(s + lp).astype(np.float32) for (_, s), lp in zip(beams[b], cur[b])])
+      order = np.argsort(-cand, kind="stable")[:beam]
+      beams[b] = [(beams[b][i // k][0] + [int(i % k)], cand[i]) for i in order]
+      for n, (seq, s) in enumerate(beams[b]):
+        if seq[-1] == 0 or step == t - 1:
+          done[b].append((float(s), seq))
+          beams[b][n] = (seq, np.float32(s - np.float32(1000)))
+    if step < t - 1:
+      cur = logps(beams, beam)
+  for b in range(nb):
+    best = max(done[b], key=lambda x: x[0])[1]
+    np.testing.assert_array_equal(got[b, :len(best)], best)
+    assert not got[b, len(best):].any()
+
+
+def test_generate_reports_outputs(tiny_camanet):
+  config, model, variables, images, _ = tiny_camanet
+  out = jax.device_get(decoding.generate_reports(model, variables, images, config=config, with_attention=True))
+  enc = model.apply(variables, images, method="encode")
+  step_fn, state = decoding.camanet_step_fns(model, variables, enc["memory"], 12, cached=False)
+  want = decoding.beam_search(step_fn, state, 2, beam_size=3, max_len=12)
+  np.testing.assert_array_equal(out["tokens"], np.asarray(want.tokens))
+  assert out["tokens"].shape == (2, 12) and out["tokens"].dtype == np.int32
+  np.testing.assert_allclose(out["probs"], np.asarray(enc["probs"]), rtol=1e-6)
+  assert out["vdm"].shape == (2, 8) and out["word_attention"].shape == (2, 12, 8)
+  np.testing.assert_allclose(out["word_attention"].sum(-1), 1.0, rtol=1e-5)  # head-mean of softmax rows
