@@ -48,7 +48,9 @@ class BatchNorm(nn.Module):
         ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
     else:
       mean, var = ra_mean.value, ra_var.value
-    return ((x - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias).astype(self.dtype)
+    # torch's CPU kernel form: alpha = weight / sqrt(var + eps), beta = bias − mean · alpha, y = x · alpha + beta.
+    alpha = scale * (1.0 / jnp.sqrt(var + self.epsilon))
+    return (x * alpha + (bias - mean * alpha)).astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str) -> nn.Conv:
