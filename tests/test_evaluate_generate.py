@@ -1,0 +1,122 @@
+"""rrg_jax.evaluate and rrg_jax.generate end to end on a tiny random CAMANet saved as an inference checkpoint
+(embedded sample data, 15 findings), plus the evaluation library on hand-made batches."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+
+pytest.importorskip("rrg_jax.models", reason="rrg_jax.models has not landed")
+
+from input_pipeline import loader  # noqa: E402
+from rrg_jax import checkpointing, evaluate, models  # noqa: E402
+
+SAMPLE_IMAGES = pathlib.Path(loader.records.resolve_data_dir("")) / "images"
+
+
+@pytest.fixture(autouse=True)
+def no_meteor(monkeypatch):
+  """METEOR (a JVM start per call) is tested in test_metrics.py."""
+  from rrg_jax.metrics import text
+
+  monkeypatch.setattr(text, "java_available", lambda: False)
+  monkeypatch.setattr(text, "_warned_no_java", True)
+
+
+def _config(num_views: int = 1):
+  c = tiny_config(num_views=num_views, num_classes=15)
+  c.data.max_seq_length = 10
+  c.train.batch_size = 4
+  c.train.max_eval_examples = 6  # two batches, the second half padding
+  return c
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  config = _config()
+  tokenizer = loader.build_tokenizer(config)
+  config.model.vocab_size = tokenizer.vocab_size
+  model = models.get_model(config.model)
+  s = config.data.image_size
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
+      jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10)))
+  return checkpointing.save_inference(tmp_path_factory.mktemp("ckpt") / "model", config, variables, tokenizer)
+
+
+def test_evaluate_cli_writes_metrics_and_reports(checkpoint, tmp_path, capsys):
+  out = tmp_path / "eval"
+  assert evaluate.main(["--checkpoint", str(checkpoint), "--split", "val", "--workdir", str(out),
+                        "--no-progress", "--config.decode.cached=false"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["split"] == "val" and metrics["num_reports"] == 6
+  assert {"BLEU_1", "BLEU_4", "ROUGE_L", "Cider", "sacreBLEU"} <= set(metrics)
+  assert not any(k.startswith("CE_") for k in metrics)  # 15 sample findings: not CheXpert
+  rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+  val_ids = [r.id for r in loader.load_records(_config(), "val")[:6]]
+  assert [r["id"] for r in rows] == val_ids  # every record once, in order, padding rows dropped
+  classes = json.loads((SAMPLE_IMAGES.parent / "labels.json").read_text())["classes"]
+  for r in rows:
+    assert set(r) == {"id", "reference", "generated", "probabilities", "predicted_findings"}
+    assert list(r["probabilities"]) == classes
+    assert r["predicted_findings"] == [c for c, p in r["probabilities"].items() if p >= 0.5]
+    assert isinstance(r["generated"], str) and r["reference"]
+  assert "BLEU_4" in capsys.readouterr().out
+
+
+def test_evaluate_cli_user_errors(tmp_path, capsys, checkpoint):
+  assert evaluate.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert evaluate.main(["--checkpoint", str(checkpoint), "--config.decode.cahced=false"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown config key 'decode.cahced'" in err and 'did you mean "cached"' in err
+  assert "Traceback" not in err
+
+
+def test_evaluate_split_scores_every_valid_record_once(checkpoint):
+  """Hand-made batches: padding rows are skipped, references are decode(targets[:, 1:]), and the scores equal
+  score_reports on the collected texts; CheXpert (14-class) configs add CE_* and CLS_*."""
+  config, variables, tokenizer = checkpointing.load_inference(checkpoint)
+  config.model.num_classes = 14
+  model = models.get_model(config.model)
+  s = config.data.image_size
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
+      jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10)))
+  rng = np.random.default_rng(0)
+  texts = ["heart size is normal .", "small left pleural effusion .", "no pneumothorax .", "mild cardiomegaly ."]
+  batches = []
+  for b in range(2):
+    targets = np.zeros((4, 10), np.int32)
+    for i in range(4):
+      ids = tokenizer.encode(texts[(b + i) % 4])[:10]
+      targets[i, :len(ids)] = ids
+    batches.append({"images": rng.normal(size=(4, 1, s, s, 3)).astype(np.float32), "targets": targets,
+                    "masks": (targets > 0).astype(np.float32), "labels": np.eye(4, 14, dtype=np.float32),
+                    "valid": np.array([True, True, True, b == 0]), "ids": [f"r{b}{i}" for i in range(4)]})
+  scores, reports = evaluate.evaluate_split(model, variables, config, tokenizer, batches, progress=False)
+  assert [r["id"] for r in reports] == ["r00", "r01", "r02", "r03", "r10", "r11", "r12"]
+  assert [r["reference"] for r in reports] == [tokenizer.decode(tokenizer.encode(t)[1:]) for t in
+                                               texts + texts[1:]]
+  want = evaluate.score_reports([r["reference"] for r in reports], [r["generated"] for r in reports],
+                                probs=np.asarray([r["probabilities"] for r in reports]),
+                                labels=np.concatenate([np.eye(4, 14)[:4], np.eye(4, 14)[:3]]), chexpert=True)
+  assert scores == pytest.approx(want)
+  assert {"CE_F1_micro", "CE_F1_macro", "CLS_F1_micro", "CLS_precision_macro"} <= set(scores)
+
+
+def test_class_names():
+  c = _config()
+  assert evaluate.class_names(c)[:2] == json.loads((SAMPLE_IMAGES.parent / "labels.json").read_text())["classes"][:2]
+  c.model.num_classes = 14
+  assert evaluate.class_names(c)[8] == "No Finding"
+  c.model.num_classes = 3
+  assert evaluate.class_names(c) == ["class_0", "class_1", "class_2"]
