@@ -120,3 +120,62 @@ def test_class_names():
   assert evaluate.class_names(c)[8] == "No Finding"
   c.model.num_classes = 3
   assert evaluate.class_names(c) == ["class_0", "class_1", "class_2"]
+
+
+# --- generate -------------------------------------------------------------------------------------------------
+
+def _sample_image(i: int = 0) -> str:
+  return str(sorted(SAMPLE_IMAGES.glob("*/0.jpg"))[i])
+
+
+def test_generate_cli_json_and_heatmaps(checkpoint, tmp_path, capsys):
+  from rrg_jax import generate
+
+  out = tmp_path / "gen"
+  assert generate.main(["--checkpoint", str(checkpoint), "--image", _sample_image(), "--out", str(out), "--json",
+                        "--words", "2"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert set(result) == {"report", "log_prob", "findings", "predicted_findings", "heatmap_words", "heatmaps"}
+  classes = json.loads((SAMPLE_IMAGES.parent / "labels.json").read_text())["classes"]
+  assert sorted(result["findings"]) == sorted(classes)
+  assert result["predicted_findings"] == [c for c in classes if result["findings"][c] >= 0.5]
+  assert len(result["heatmap_words"]) <= 2
+  for kind, path in result["heatmaps"].items():
+    assert pathlib.Path(path).parent == out and path.endswith(".png")
+    assert pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "vdm" in result["heatmaps"]
+  # plain-text output names the report and findings
+  assert generate.main(["--checkpoint", str(checkpoint), "--image", _sample_image(), "--out", str(out)]) == 0
+  text_out = capsys.readouterr().out
+  assert "Report:" in text_out and classes[0] in text_out
+
+
+@pytest.mark.parametrize("case", ["missing_checkpoint", "missing_image", "bad_image", "two_images"])
+def test_generate_cli_user_errors(checkpoint, tmp_path, capsys, case):
+  from rrg_jax import generate
+
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"not an image")
+  argv = {"missing_checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--image", _sample_image()],
+          "missing_image": ["--checkpoint", str(checkpoint), "--image", str(tmp_path / "x.png")],
+          "bad_image": ["--checkpoint", str(checkpoint), "--image", str(bad)],
+          "two_images": ["--checkpoint", str(checkpoint), "--image", _sample_image(0), "--image", _sample_image(1)],
+          }[case]
+  assert generate.main(argv + ["--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  want = {"missing_checkpoint": "does not exist", "missing_image": "not found", "bad_image": "Cannot decode",
+          "two_images": "1 view(s) per study"}[case]
+  assert want in err and "Traceback" not in err
+
+
+def test_top_words_ranks_by_similarity_to_the_vdm():
+  from rrg_jax import heatmaps
+
+  words = ["left", ".", "effusion", "heart"]
+  vdm = np.array([1.0, 0.0, 0.0, 0.0])
+  attention = np.array([[0.1, 0.9, 0, 0], [1, 0, 0, 0], [0.9, 0.1, 0, 0], [0.5, 0.5, 0, 0]])
+  assert heatmaps.top_words(words, attention, vdm, 2) == [2, 3]  # "." skipped, report order
+  grids = heatmaps.view_grids(np.arange(8), 2)
+  np.testing.assert_array_equal(grids[1], [[4, 5], [6, 7]])
+  with pytest.raises(ValueError, match="square grid"):
+    heatmaps.view_grids(np.arange(6), 2)

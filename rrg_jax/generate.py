@@ -1,0 +1,121 @@
+r"""Generate a report for one study, with its predicted findings and heatmaps.
+
+    python -m rrg_jax.generate --checkpoint DIR --image frontal.png [--image lateral.png] [--out OUTDIR] \
+        [--json] [--words N] [--config.decode.method=greedy]
+
+``DIR``: a training workdir (its best model) or an inference checkpoint. Give exactly
+``config.data.num_views`` images (2 for IU X-Ray models: the two views in dataset order). Images are preprocessed
+with the evaluation transform (squash to ``image_size``, ImageNet normalisation) and decoded as in evaluation
+(``config.decode``). Prints the report and the classifier's findings (probability, predicted when ≥ 0.5) and writes
+``OUTDIR/vdm.png`` (the visual discriminative map over each view) and ``OUTDIR/words.png`` (cross-attention of
+the ``N`` words whose attention best matches the VDM). ``--json`` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rrg_jax import decoding, evaluate, heatmaps
+from rrg_jax.evaluate import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m rrg_jax.generate", description=__doc__.split("\n\n")[0],
+                              epilog="Any --config.KEY=VALUE overrides a key of the checkpoint's config.")
+  p.add_argument("--checkpoint", required=True, help="training workdir or inference checkpoint directory")
+  p.add_argument("--image", action="append", required=True, help="an image file; repeat once per view")
+  p.add_argument("--out", default="generated", help="directory for the heatmap PNGs (default: ./generated)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--words", type=int, default=4, help="number of words with attention heatmaps (0: none)")
+  return p
+
+
+def load_views(paths: Sequence[str], num_views: int):
+  """Image files → list of PIL images (``"L"``/``"RGB"``); ``UserError`` if missing, unreadable or the count
+  differs from ``num_views``."""
+  from input_pipeline import records  # pylint: disable=g-import-not-at-top
+
+  if len(paths) != num_views:
+    raise UserError(f"The model takes {num_views} view(s) per study (config.data.num_views) but {len(paths)} "
+                    f"image(s) were given.")
+  views = []
+  for path in paths:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise UserError(f"Image {p} not found.")
+    try:
+      views.append(records.decode_image(p.read_bytes(), str(p)))
+    except records.DataError as e:
+      raise UserError(str(e)) from None
+  return views
+
+
+def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Parsed CLI arguments (+ ``--config.*`` overrides) → the result object (what ``--json`` prints)."""
+  from input_pipeline import transforms  # pylint: disable=g-import-not-at-top
+
+  if args.words < 0:
+    raise UserError(f"--words must be >= 0, got {args.words}.")
+  config, model, variables, tokenizer = evaluate.load_checkpoint(args.checkpoint, overrides)
+  d = config.data
+  views = load_views(args.image, int(d.num_views))
+  size = int(d.image_size)
+  images = transforms.transform_views(views, None, train=False, augment=d.augment, resize=int(d.resize),
+                                      image_size=size)
+  out = jax.device_get(decoding.generate_reports(model, variables, images[None], config=config,
+                                                 with_attention=True))
+  report = tokenizer.decode(out["tokens"][0].tolist())
+  words = report.split()
+  names = evaluate.class_names(config)
+  probs = {n: float(p) for n, p in zip(names, out["probs"][0])}
+  shown = [v.convert("RGB").resize((size, size)) for v in views]  # what the model saw (squashed)
+  out_dir = pathlib.Path(args.out)
+  files = {"vdm": str(heatmaps.save_vdm(shown, out["vdm"][0], out_dir / "vdm.png"))}
+  positions = heatmaps.top_words(words, out["word_attention"][0], out["vdm"][0], args.words)
+  if positions:
+    files["words"] = str(heatmaps.save_word_attention(shown, words, out["word_attention"][0], positions,
+                                                      out_dir / "words.png"))
+  return {"report": report, "log_prob": float(out["scores"][0]),
+          "findings": dict(sorted(probs.items(), key=lambda kv: -kv[1])),
+          "predicted_findings": [n for n, p in probs.items() if p >= evaluate.THRESHOLD],
+          "heatmap_words": [words[i] for i in positions], "heatmaps": files}
+
+
+def _print(result: dict[str, Any]) -> None:
+  print("Report:")
+  print(f"  {result['report'] or '(empty)'}")
+  print("Findings (classifier probability; * = predicted, p >= 0.5):")
+  for name, p in result["findings"].items():
+    print(f"  {'*' if p >= evaluate.THRESHOLD else ' '} {name:32s} {p:.3f}")
+  print("Heatmaps:")
+  for kind, path in result["heatmaps"].items():
+    print(f"  {kind}: {path}")
+  if result["heatmap_words"]:
+    print(f"  words: {', '.join(result['heatmap_words'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  overrides, rest = evaluate.split_config_overrides(list(sys.argv[1:] if argv is None else argv))
+  args = _parser().parse_args(rest)
+  try:
+    result = generate(args, overrides)
+  except UserError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result))
+  else:
+    _print(result)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
