@@ -81,6 +81,7 @@ def test_evaluate_cli_user_errors(tmp_path, capsys, checkpoint):
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_evaluate_split_scores_every_valid_record_once(checkpoint):
   """Hand-made batches: padding rows are skipped, references are decode(targets[:, 1:]), and the scores equal
   score_reports on the collected texts; CheXpert (14-class) configs add CE_* and CLS_*."""
