@@ -83,20 +83,19 @@ def test_densenet_matches_torch_train_and_eval(size):
   tnet.eval()
   with torch.no_grad():
     want = torch.relu(tnet(torch.from_numpy(x))).numpy().transpose(0, 2, 3, 1)
-  got = fnet.apply(variables, xj, False)
+  got = jax.jit(lambda v, x: fnet.apply(v, x, False))(variables, xj)
   assert got.shape == want.shape and got.shape[-1] == channels
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   tnet.train()
   with torch.no_grad():
     want = torch.relu(tnet(torch.from_numpy(x))).numpy().transpose(0, 2, 3, 1)
-  got, state = fnet.apply(variables, xj, True, mutable=["batch_stats"])
+  got, state = jax.jit(lambda v, x: fnet.apply(v, x, True, mutable=["batch_stats"]))(variables, xj)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
   want_stats = torch_to_flax(tnet.state_dict())["batch_stats"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
                state["batch_stats"], want_stats)
 
 
-@pytest.mark.slow
 def test_remat_same_values_and_gradients():
   _, _, fnet, variables = make_pair(1)
   remat = DenseNet(**TINY, remat=True)
@@ -106,8 +105,10 @@ def test_remat_same_values_and_gradients():
     y, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, True, mutable=["batch_stats"])
     return jnp.sum(y ** 2)
 
-  l0, g0 = jax.value_and_grad(lambda p: loss(fnet, p))(variables["params"])
-  l1, g1 = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
+  assert "remat" in str(jax.make_jaxpr(lambda p: loss(remat, p))(variables["params"]))
+  assert "remat" not in str(jax.make_jaxpr(lambda p: loss(fnet, p))(variables["params"]))
+  l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(fnet, p)))(variables["params"])
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g1, g0)
@@ -116,8 +117,8 @@ def test_remat_same_values_and_gradients():
 def test_bfloat16_forward_close_to_float32():
   _, _, fnet, variables = make_pair(2)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32))
-  y32 = fnet.apply(variables, x, False)
-  y16 = DenseNet(**TINY, dtype=jnp.bfloat16).apply(variables, x, False)
+  y32 = jax.jit(lambda v: fnet.apply(v, x, False))(variables)
+  y16 = jax.jit(lambda v: DenseNet(**TINY, dtype=jnp.bfloat16).apply(v, x, False))(variables)
   assert y16.dtype == jnp.bfloat16
   err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max() / np.abs(np.asarray(y32)).max()
   assert err < 0.05, err
