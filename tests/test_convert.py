@@ -279,7 +279,6 @@ def _tiny_checkpoint(tmp_path, vocab_delta: int = 0):
 
 
 def test_cli_writes_inference_checkpoint(tmp_path):
-  pytest.importorskip("rrg_jax.models.camanet")
   from rrg_jax import checkpointing
 
   config, model, pth, annotation = _tiny_checkpoint(tmp_path)
@@ -301,14 +300,12 @@ def test_cli_writes_inference_checkpoint(tmp_path):
 
 
 def test_vocab_size_mismatch_is_refused(tmp_path):
-  pytest.importorskip("rrg_jax.models.camanet")
   config, _, pth, annotation = _tiny_checkpoint(tmp_path, vocab_delta=3)
   with pytest.raises(convert.ConversionError, match="output classes but the vocabulary"):
     convert.convert(pth, config, tmp_path / "out", annotation)
 
 
 def test_flax_backbone_matches_spec_shapes():
-  pytest.importorskip("rrg_jax.models.camanet")
   c = tiny_config().model
   want = _densenet_shapes(c.growth_rate, c.block_config, c.num_init_features, c.bn_size)
   got = convert.expected_variables(c, 1, 64, 60)

@@ -162,7 +162,8 @@ def test_early_exit_stops_once_no_hypothesis_can_win():
 def tiny_camanet():
   """Tiny CAMANet (2 views, K = 12, T = 12) with a sharper output layer, and a random decoder memory (6, 8, 32)
   that makes the six hypotheses differ (empty, EOS-ended and forced endings)."""
-  models = pytest.importorskip("rrg_jax.models", reason="rrg_jax.models has not landed")
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
   config = tiny_config(num_views=2, vocab_size=12)
   config.data.max_seq_length = 12
   model = models.get_model(config.model)

@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-
-pytest.importorskip("rrg_jax.models", reason="rrg_jax.models has not landed")
-
-from input_pipeline import loader  # noqa: E402
-from rrg_jax import checkpointing, evaluate, models  # noqa: E402
+from input_pipeline import loader
+from rrg_jax import checkpointing, evaluate, models
 
 SAMPLE_IMAGES = pathlib.Path(loader.records.resolve_data_dir("")) / "images"
 

@@ -86,7 +86,6 @@ def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0) -> ref.CAM
 
 
 def to_flax(model: ref.CAMANet, config):
-  pytest.importorskip("rrg_jax.models.camanet", reason="the Flax CAMANet has not landed")
   from rrg_jax import models
 
   expected = convert.expected_variables(config.model, config.data.num_views, config.data.image_size,
@@ -148,7 +147,6 @@ def test_eval_parity_full_mimic():
 # --- train mode, dropout 0 -------------------------------------------------------------------------------------
 
 def train_parity(config, lengths, seed):
-  pytest.importorskip("rrg_jax.losses", reason="rrg_jax.losses has not landed")
   from rrg_jax import losses
 
   config.model.dropout = 0.0
@@ -269,7 +267,6 @@ def test_reference_vdm_hand_computed():
 # --- beam search ----------------------------------------------------------------------------------------------
 
 def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True):
-  pytest.importorskip("rrg_jax.decoding", reason="rrg_jax.decoding has not landed")
   from rrg_jax import decoding
 
   batch = make_batch(config, lengths, seed)
