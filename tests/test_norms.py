@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rrg_jax.layers.norms import ConditionalLayerNorm, LayerNorm
 
@@ -70,3 +71,20 @@ def test_norms_bfloat16_output_fp32_stats():
                                             x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=2e-2)
+
+
+def test_constant_row_gradient_is_finite_like_torch():
+  """A constant row (std 0, e.g. the VDMAE token when no finding is predicted) has torch's finite gradient
+  (std's backward is masked to 0 there, leaving (x − mean)'s path divided by eps), not NaN."""
+  torch = pytest.importorskip("torch")
+  w = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0]], np.float32)
+  x = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, -2.0, 0.5]], np.float32)  # row 0 constant, row 1 not
+  norm = LayerNorm()
+  params = norm.init(jax.random.key(0), jnp.asarray(x))
+  got = jax.grad(lambda v: jnp.sum(norm.apply(params, v) * w))(jnp.asarray(x))
+  tx = torch.tensor(x, requires_grad=True)
+  xc = tx - tx.mean(-1, keepdim=True)
+  (torch.sum(xc / (tx.std(-1, keepdim=True) + 1e-6) * torch.tensor(w))).backward()
+  assert np.all(np.isfinite(np.asarray(got)))
+  np.testing.assert_allclose(np.asarray(got), tx.grad.numpy(), rtol=1e-5)
+  assert abs(float(got[0, 3])) > 1e5  # (w − mean w)/eps: the row's huge, finite torch gradient

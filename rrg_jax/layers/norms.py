@@ -11,11 +11,19 @@ import jax.numpy as jnp
 from rrg_jax.layers.linear import Linear
 
 
+def _std(var: jax.Array) -> jax.Array:
+  """``sqrt(var)`` whose gradient is 0 where ``var == 0``, as torch's ``std`` backward (which masks the
+  ``1 / (2·std)`` factor there); a plain ``jnp.sqrt`` gives NaN gradients for a constant row, e.g. the VDMAE
+  token of an image with no predicted finding (VDM = 0, so Σ d·f = 0)."""
+  positive = var > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
 def _normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
   """``gamma · (x − mean) / (std_unbiased + eps) + beta`` over the last axis in float32, torch's op order."""
   x = x.astype(jnp.float32)
   xc = x - jnp.mean(x, axis=-1, keepdims=True)
-  std = jnp.sqrt(jnp.sum(xc * xc, axis=-1, keepdims=True) / (x.shape[-1] - 1))
+  std = _std(jnp.sum(xc * xc, axis=-1, keepdims=True) / (x.shape[-1] - 1))
   return gamma * xc / (std + eps) + beta
 
 
