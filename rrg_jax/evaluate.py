@@ -126,6 +126,18 @@ def evaluate_split(model, variables: Any, config: ml_collections.ConfigDict, tok
   return scores, reports
 
 
+def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+  """``evaluate_split`` reports as JSON lines: ``id``, ``reference``, ``generated``, ``probabilities``
+  {class name: p} and ``predicted_findings`` (the classes with p ≥ 0.5)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w") as f:
+    for r in reports:
+      probs = dict(zip(names, r["probabilities"]))
+      f.write(json.dumps({**r, "probabilities": probs,
+                          "predicted_findings": [n for n, p in probs.items() if p >= THRESHOLD]}) + "\n")
+
+
 # --- CLI ------------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
@@ -217,15 +229,10 @@ def run(argv: Sequence[str]) -> dict[str, float]:
   except (records.DataError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
   if jax.process_index() == 0:
-    names = class_names(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text(json.dumps({"split": args.split, "num_reports": len(reports), **scores},
                                                    indent=2, sort_keys=True))
-    with (out_dir / REPORTS_FILE).open("w") as f:
-      for r in reports:
-        probs = dict(zip(names, r.pop("probabilities")))
-        f.write(json.dumps({**r, "probabilities": probs,
-                            "predicted_findings": [n for n, p in probs.items() if p >= THRESHOLD]}) + "\n")
+    write_reports(out_dir / REPORTS_FILE, reports, class_names(config))
     print(f"{args.split}: {len(reports)} reports → {out_dir}")
     for k, v in scores.items():
       print(f"  {k:20s} {v:.4f}")

@@ -1,0 +1,57 @@
+"""Training curves as a PNG (matplotlib, Agg), drawn from a run's ``metrics.jsonl``.
+
+Left: the logged train loss and its parts (``loss``, ``ce``, ``bce``, ``mse``) against the optimiser step.
+Right: the per-epoch evaluation scores (``<split>_BLEU_4``, ``<split>_BLEU_1`` for every evaluated split and the
+selection ``score`` = val BLEU-4 + 0.5 · val BLEU-1) against the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LOSS_KEYS = ("loss", "ce", "bce", "mse")
+SCORE_KEYS = ("BLEU_4", "BLEU_1")
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+  """The rows of a ``metrics.jsonl`` file (see ``rrg_jax.train.MetricsLogger``)."""
+  lines = pathlib.Path(path).read_text().splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_curves(metrics_path: str | pathlib.Path, out_png: str | pathlib.Path) -> pathlib.Path:
+  """Writes ``out_png`` (loss parts per step | scores per epoch) from ``metrics_path``; returns its path."""
+  rows = read_metrics(metrics_path)
+  train = [r for r in rows if r.get("kind") == "train"]
+  epochs = [r for r in rows if r.get("kind") == "epoch"]
+  fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+  for key in LOSS_KEYS:
+    points = [(r["step"], r[key]) for r in train if key in r]
+    if points:
+      ax_loss.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+  ax_loss.set(xlabel="step", ylabel="train loss", title="training loss")
+  splits = sorted({k.split("_", 1)[0] for r in epochs for k in r if k.endswith("_" + SCORE_KEYS[0])})
+  for split in splits:
+    for key in SCORE_KEYS:
+      points = [(r["epoch"], r[f"{split}_{key}"]) for r in epochs if f"{split}_{key}" in r]
+      ax_score.plot(*zip(*points), label=f"{split} {key}", marker="o")
+  points = [(r["epoch"], r["score"]) for r in epochs if "score" in r]
+  if points:
+    ax_score.plot(*zip(*points), label="selection score", marker="s", linestyle="--")
+  ax_score.set(xlabel="epoch", ylabel="score", title="evaluation (beam search)")
+  ax_score.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  for ax in (ax_loss, ax_score):
+    if ax.lines:
+      ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  out_png = pathlib.Path(out_png)
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
