@@ -1,6 +1,6 @@
 r"""Training CLI: config → tokenizer → mesh → model/optimiser state → jitted sharded loop → evaluation → Orbax.
 
-    python -m rrg_jax.train --config=configs/camanet.py --workdir=checkpoints/run           # embedded sample, CPU
+    python -m rrg_jax.train --config=configs/camanet.py          # embedded sample, CPU; workdir checkpoints/camanet_sample
     python -m rrg_jax.train --config=configs/camanet.py:iu_xray --workdir=checkpoints/iu \
         --config.data.data_dir=/data/iu_xray --config.optim.lr_ed=1e-3                    # official IU recipe
 
@@ -12,6 +12,8 @@ The config is locked: overriding a key that does not exist is an error. The work
     best/                     inference checkpoint of the best epoch (``checkpointing.load_inference``)
     metrics.jsonl             one JSON row per logged train step and per epoch (val/test scores)
     tensorboard/              TensorBoard events (tensorboardX)
+    curves.png                loss parts per step and val/test BLEU per epoch (``rrg_jax.curves``)
+    reports/<split>_epochNNN.jsonl  each epoch's generated reports (id, reference, generated, findings)
 
 Re-running the same command resumes from the latest checkpoint with the exact next batch. Model selection,
 early stopping and the optimiser follow the official trainer (reference spec §8).
@@ -34,19 +36,27 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rrg_jax import checkpointing, optim, sharding
+from rrg_jax import checkpointing, curves, optim, sharding
 from rrg_jax import train_state as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/camanet.py:iu_xray.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, checkpoints, metrics and the best model.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, checkpoints, metrics and the best model "
+                                "(default: checkpoints/<model>_<preset>, see default_workdir).")
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+REPORTS_DIR = "reports"
+CURVES_FILE = "curves.png"
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or a gradient became NaN/inf; training stopped before saving the bad state."""
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+  """``checkpoints/<model name>_<preset>`` (relative to the current directory), e.g. ``checkpoints/camanet_sample``."""
+  return str(pathlib.Path("checkpoints") / f"{config.model.name}_{config.get('preset', 'custom')}")
 
 
 # --- model selection and early stopping (spec §8) -----------------------------------------------------------
@@ -300,16 +310,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
         for split in config.train.eval_splits:
-          scores, _ = evaluate.evaluate_split(model, state.variables(), config, tokenizer,
-                                              loader.eval_batches(config, tokenizer, split), mesh=mesh,
-                                              progress=main)
+          scores, reports = evaluate.evaluate_split(model, state.variables(), config, tokenizer,
+                                                    loader.eval_batches(config, tokenizer, split), mesh=mesh,
+                                                    progress=main)
           row.update({f"{split}_{k}": float(v) for k, v in scores.items()})
+          if main:
+            evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
+                                   evaluate.class_names(config))
         progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0)
         if "val_BLEU_4" in row:
           progress, improved = _select(progress, row, config.train.early_stop)
           if improved:
             checkpointing.save_inference(workdir / checkpointing.BEST_DIR, config, state.variables(), tokenizer)
         metrics.write(int(state.step), row, "epoch")
+        if main:
+          curves.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE)
         logging.info("Epoch %d: %s", epoch + 1, json.dumps(row, sort_keys=True))
         if progress.early_stopped:
           logging.info("Early stopping: %d epochs in a row without improvement.", progress.bad_epochs)
@@ -345,12 +360,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required.")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/camanet.py or configs/camanet.py:iu_xray.")
+  workdir = _WORKDIR.value or default_workdir(_CONFIG.value)
   logging.get_absl_logger().addFilter(_QuietOrbax())
   sharding.initialize_distributed()
+  logging.info("Workdir: %s", pathlib.Path(workdir).absolute())
   try:
-    progress = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    progress = train_and_evaluate(_CONFIG.value, workdir)
   except NonFiniteLossError as e:
     logging.error("%s", e)
     raise SystemExit(f"ERROR: {e}") from None
