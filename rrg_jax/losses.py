@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Mapping
 
 import jax
@@ -53,3 +54,12 @@ def camanet_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], *, 
   mse = vtac_mse(outputs["tdm"], outputs["vdm"], batch["labels"]) if use_vtac else jnp.zeros((), jnp.float32)
   total = ce + cls_w * bce + mse_w * mse
   return total, {"ce": ce, "bce": bce, "mse": mse, "loss": total}
+
+
+def make_loss_fn(config) -> Callable[[Mapping[str, jax.Array], Mapping[str, Any]], tuple[jax.Array, dict]]:
+  """``loss_fn(outputs, batch) → (total, parts)``: ``camanet_loss`` with ``config.loss.cls_w``/``mse_w`` and
+  ``config.model.use_vtac`` (the ``loss_fn`` of ``train_state.make_train_step``)."""
+  def loss_fn(outputs, batch):
+    return camanet_loss(outputs, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
+                        use_vtac=config.model.use_vtac)
+  return loss_fn

@@ -175,15 +175,6 @@ def _load_pretrained_backbone(variables: dict[str, Any], path: str) -> dict[str,
   return convert.load_torchvision_densenet(path, jax.device_get(variables))
 
 
-def _make_loss_fn(config: ml_collections.ConfigDict):
-  from rrg_jax import losses  # pylint: disable=g-import-not-at-top
-
-  def loss_fn(out, batch):
-    return losses.camanet_loss(out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
-                               use_vtac=config.model.use_vtac)
-  return loss_fn
-
-
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -226,7 +217,7 @@ def _select(progress: Progress, row: dict[str, Any], early_stop: int) -> tuple[P
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
   """Trains (or resumes) in ``workdir``; returns the final loop progress. See the module docstring."""
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
-  from rrg_jax import evaluate, models  # pylint: disable=g-import-not-at-top
+  from rrg_jax import evaluate, losses, models  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     variables = jax.device_put(_load_pretrained_backbone(variables, config.model.pretrained_backbone), repl)
   state = jax.jit(lambda v, k: ts.create_train_state(v, tx, k), out_shardings=repl)(variables, dropout_key)
   del variables
-  train_step = ts.jit_train_step(ts.make_train_step(model, tx, _make_loss_fn(config)), state, mesh)
+  train_step = ts.jit_train_step(ts.make_train_step(model, tx, losses.make_loss_fn(config)), state, mesh)
 
   ckpt = checkpointing.TrainCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   data_iter = iter(train_ds)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from configs import camanet as camanet_config
 from rrg_jax import losses
 
 
@@ -61,3 +62,10 @@ def test_camanet_loss_total_and_parts():
   total, parts = losses.camanet_loss(no_vtac, batch, cls_w=0.5, mse_w=0.15, use_vtac=False)
   assert float(parts["mse"]) == 0.0
   np.testing.assert_allclose(float(total), float(ce + 0.5 * bce), rtol=1e-6)
+  # make_loss_fn reads the weights and the VTAC switch from a config (the "mimic_cxr" preset: cls_w 1, mse_w 0.5).
+  config = camanet_config.get_config("mimic_cxr")
+  total, _ = losses.make_loss_fn(config)(out, batch)
+  np.testing.assert_allclose(float(total), float(ce + bce + 0.5 * mse), rtol=1e-6)
+  config.model.use_vtac = False
+  total, parts = losses.make_loss_fn(config)(no_vtac, batch)
+  assert float(parts["mse"]) == 0.0 and abs(float(total) - float(ce + bce)) < 1e-5

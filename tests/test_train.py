@@ -149,8 +149,7 @@ def test_three_steps_one_device_equal_four_devices():
   config = tiny_config()
   config.data.max_seq_length = 12
   model = models.get_model(config.model)
-  loss_fn = lambda out, batch: losses.camanet_loss(  # noqa: E731
-      out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w, use_vtac=config.model.use_vtac)
+  loss_fn = losses.make_loss_fn(config)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
   variables = jax.device_get(ts.init_variables(model, config, jax.random.key(0)))  # host copy: state is donated
   batches = [_synthetic_batch(config, 8, seed) for seed in range(3)]
@@ -198,8 +197,7 @@ def test_bfloat16_loss_curve_within_two_percent_of_float32():
     config.model.dtype = dtype
     config.optim.lr_ve, config.optim.lr_ed = 1e-3, 2e-3
     model = models.get_model(config.model)
-    loss_fn = lambda out, batch, c=config: losses.camanet_loss(  # noqa: E731
-        out, batch, cls_w=c.loss.cls_w, mse_w=c.loss.mse_w, use_vtac=c.model.use_vtac)
+    loss_fn = losses.make_loss_fn(config)
     tx = optim.make_optimizer(config, steps_per_epoch=20)
     variables = ts.init_variables(model, config, jax.random.key(0))  # params are fp32 whatever the dtype
     assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype("float32")}
