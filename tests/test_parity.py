@@ -7,6 +7,8 @@ BN running statistics; VTAC top-k counts; beam search token identity. float32, h
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,18 +25,37 @@ torch.set_default_dtype(torch.float32)
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def check(name: str, got, want, *, rtol: float | None = None, atol: float | None = None) -> float:
-  """Asserts max|got − want| ≤ atol, or ≤ rtol·max|want|; prints and returns the measured max abs diff."""
+def _rel(got, want) -> tuple[float, float]:
+  """(max|got − want|, that divided by max|want|)."""
+  diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+  return diff, diff / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
+
+
+def check(name: str, got, want, *, rtol: float | None = None, atol: float | None = None, exact=None) -> float:
+  """Asserts max|got − want| ≤ atol, or ≤ rtol·max|want|; prints and returns the measured max abs diff.
+
+  ``exact``: the float64 torch result, for the float32 noise floor. Where the plain bound fails, JAX passes only
+  if it is as accurate as torch float32 itself: its error against ``exact`` (abs with ``atol``, rel with
+  ``rtol``) at most 1.5× torch float32's own.
+  """
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   assert got.shape == want.shape, (name, got.shape, want.shape)
-  diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+  diff, rel = _rel(got, want)
   scale = float(np.max(np.abs(want))) if want.size else 0.0
-  rel = diff / max(scale, 1e-30)
-  print(f"PARITY {name}: max_abs={diff:.3e} rel={rel:.3e} (max|ref|={scale:.3e})")
-  if atol is not None:
-    assert diff <= atol, f"{name}: max abs diff {diff:.3e} > {atol:.1e}"
-  if rtol is not None:
-    assert rel <= rtol, f"{name}: relative diff {rel:.3e} > {rtol:.1e} (max abs {diff:.3e})"
+  noise = ""
+  if exact is not None:
+    exact = np.asarray(exact, np.float64)
+    (jax_abs, jax_rel), (torch_abs, torch_rel) = _rel(got, exact), _rel(want, exact)
+    noise = (f"; vs float64: jax max_abs={jax_abs:.3e} rel={jax_rel:.3e}, torch32 max_abs={torch_abs:.3e} "
+             f"rel={torch_rel:.3e}")
+  print(f"PARITY {name}: max_abs={diff:.3e} rel={rel:.3e} (max|ref|={scale:.3e}){noise}")
+  if (atol is None or diff <= atol) and (rtol is None or rel <= rtol):
+    return diff
+  assert exact is not None, f"{name}: max abs diff {diff:.3e}, relative {rel:.3e} > atol {atol} / rtol {rtol}"
+  jax_err, torch_err = (jax_abs, torch_abs) if atol is not None else (jax_rel, torch_rel)
+  assert jax_err <= 1.5 * torch_err, (
+      f"{name}: max abs diff {diff:.3e} (rel {rel:.3e}) exceeds atol {atol} / rtol {rtol}, and JAX is further "
+      f"from float64 ({jax_err:.3e}) than 1.5× torch float32 ({torch_err:.3e})")
   return diff
 
 
@@ -72,9 +93,10 @@ def torch_inputs(batch):
           torch.from_numpy(batch["labels"]))
 
 
-def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0) -> ref.CAMANet:
+def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0, logit_scale: float = 1.0) -> ref.CAMANet:
   """Reference with random weights, moved norms and BN running stats calibrated on the batch; ``eos_bias`` is
-  added to the EOS logit bias so that beams end at different lengths."""
+  added to the EOS logit bias and the output layer's weights are multiplied by ``logit_scale`` (sharper
+  distributions) so that beams end at different lengths."""
   torch.manual_seed(seed)
   model = ref.CAMANet(config.model)
   ref.init_weights_(model)
@@ -82,6 +104,7 @@ def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0) -> ref.CAM
   ref.calibrate_bn_(model, torch_inputs(batch)[0])
   with torch.no_grad():
     model.encoder_decoder.logit.bias[0] += eos_bias
+    model.encoder_decoder.logit.weight *= logit_scale
   return model
 
 
@@ -116,17 +139,16 @@ def eval_parity(config, lengths, seed, *, rtol=1e-5, logp_atol=1e-4):
   images, targets, _, _ = torch_inputs(batch)
   with torch.no_grad():
     want = tmodel(images, targets)
+    exact = copy.deepcopy(tmodel).double()(images.double(), targets)  # the float64 noise-floor reference
   fmodel, variables = to_flax(tmodel, config)
   out = fmodel.apply(variables, batch["images"], batch["targets"], batch["masks"], train=False)
   enc = fmodel.apply(variables, batch["images"], method=fmodel.encode)
   l = targets.shape[1] - 1
-  check("patch_feats", enc["patch_feats"], want["patch_feats"], rtol=rtol)
-  check("memory", enc["memory"], want["henc"][:, 1:], rtol=rtol)
-  check("logits", out["logits"], want["logits"], rtol=rtol)
-  check("cams", out["cams"], want["cams"], rtol=rtol)
-  check("vdm", out["vdm"], want["vdm"], rtol=rtol)
-  check("tdm", out["tdm"], want["tdm"], rtol=rtol)
-  check("logprobs", np.asarray(out["logprobs"])[:, :l], want["logprobs"], atol=logp_atol)
+  check("patch_feats", enc["patch_feats"], want["patch_feats"], rtol=rtol, exact=exact["patch_feats"])
+  check("memory", enc["memory"], want["henc"][:, 1:], rtol=rtol, exact=exact["henc"][:, 1:])
+  for name in ("logits", "cams", "vdm", "tdm"):
+    check(name, out[name], want[name], rtol=rtol, exact=exact[name])
+  check("logprobs", np.asarray(out["logprobs"])[:, :l], want["logprobs"], atol=logp_atol, exact=exact["logprobs"])
 
 
 @pytest.mark.parametrize("num_views", [1, 2])
@@ -156,9 +178,12 @@ def train_parity(config, lengths, seed):
   ref.set_dropout_(tmodel, 0.0)
   fmodel, variables = to_flax(tmodel, config)
   tmodel.train()
+  exact_model = copy.deepcopy(tmodel).double()  # float64 reference for the gradient noise floor
   images, targets, masks, labels = torch_inputs(batch)
   want = ref.losses(tmodel(images, targets), targets, masks, labels, config.loss.cls_w, config.loss.mse_w)
   want["loss"].backward()
+  ref.losses(exact_model(images.double(), targets), targets, masks.double(), labels.double(), config.loss.cls_w,
+             config.loss.mse_w)["loss"].backward()
   want_stats = convert.state_dict_to_variables(
       {k: v.numpy() for k, v in tmodel.state_dict().items()},
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables))["batch_stats"]
@@ -175,17 +200,28 @@ def train_parity(config, lengths, seed):
   for name in ("ce", "bce", "mse", "loss"):
     check(f"loss/{name}", terms[name], want[name].item(), rtol=1e-5)
   want_grads = flat(torch_grads_as_flax(tmodel, variables["params"]))
+  exact_grads = flat(torch_grads_as_flax(exact_model, variables["params"]))
   # Leaves whose exact gradient is 0 (attention K-projection biases: softmax is shift-invariant) carry only
   # round-off, so the norm-wise relative error uses a floor of 1e-3 × the global gradient norm.
   floor = 1e-3 * np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in want_grads.values()))
-  worst = 0.0
+  worst = worst_noisy = 0.0
+  noisy = 0
   for path, g in flat(grads).items():
-    w = want_grads[path]
-    norm = np.linalg.norm(w)
-    rel = np.linalg.norm(g - w) / max(norm, floor)
-    worst = max(worst, rel)
-    assert rel <= 1e-4, f"grad {path}: ||g_jax − g_torch||/||g_torch|| = {rel:.3e} (||g_torch|| = {norm:.3e})"
-  print(f"PARITY grads: worst leaf-wise relative norm diff {worst:.3e} over {len(want_grads)} leaves")
+    w, exact = want_grads[path].astype(np.float64), exact_grads[path].astype(np.float64)
+    norm = max(np.linalg.norm(w), floor)
+    rel = np.linalg.norm(g - w) / norm
+    if rel <= 1e-4:
+      worst = max(worst, rel)
+      continue
+    # Above 1e-4, torch's own float32 gradient must be as far from the float64 one: JAX is no further from the
+    # exact gradient than 1.5× torch float32 is (full size: decoder MCLN leaves torch32 7e-3 off, JAX 7e-6).
+    jax_err, torch_err = np.linalg.norm(g - exact) / norm, np.linalg.norm(w - exact) / norm
+    worst_noisy, noisy = max(worst_noisy, rel), noisy + 1
+    assert jax_err <= 1.5 * torch_err, (
+        f"grad {path}: ||g_jax − g_torch||/||g_torch|| = {rel:.3e} (||g_torch|| = {norm:.3e}); vs float64: "
+        f"jax {jax_err:.3e}, torch float32 {torch_err:.3e}")
+  print(f"PARITY grads: worst leaf-wise relative norm diff {worst:.3e} (≤ 1e-4) over {len(want_grads)} leaves; "
+        f"{noisy} leaves above, where torch float32 itself is off the float64 gradient (worst {worst_noisy:.3e})")
   stats = flat(state["batch_stats"])
   for path, w in flat(want_stats).items():
     check(f"batch_stats/{path}", stats[path], w, atol=1e-5)
@@ -266,11 +302,11 @@ def test_reference_vdm_hand_computed():
 
 # --- beam search ----------------------------------------------------------------------------------------------
 
-def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True):
+def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True, logit_scale: float = 1.0):
   from rrg_jax import decoding
 
   batch = make_batch(config, lengths, seed)
-  tmodel = make_torch_model(config, batch, seed, eos_bias).eval()
+  tmodel = make_torch_model(config, batch, seed, eos_bias, logit_scale).eval()
   want = ref.beam_search(tmodel, torch_inputs(batch)[0], config.data.max_seq_length, beam_size=3)
   fmodel, variables = to_flax(tmodel, config)
   config.decode.method, config.decode.beam_size, config.decode.cached = "beam", 3, cached
@@ -287,11 +323,17 @@ def test_beam_search_parity_tiny(cached):
   beam_parity(tiny_config(num_views=2), [10] * 5, seed=5, eos_bias=0.5, cached=cached)
 
 
+# eos_bias / logit_scale are chosen so that the three images end differently (seen: IU lengths [57, 60, 45] —
+# two EOS endings and one forced at max_seq_length; MIMIC [50, 4, 3]).
 @pytest.mark.slow
 def test_beam_search_parity_full_iu():
-  beam_parity(full_config("iu_xray", 761), [10] * 3, seed=13, eos_bias=2.0)
+  beam_parity(full_config("iu_xray", 761), [10] * 3, seed=13, eos_bias=5.0, logit_scale=3.0)
 
 
 @pytest.mark.slow
 def test_beam_search_parity_full_mimic():
-  beam_parity(full_config("mimic_cxr", 500), [10] * 3, seed=14, eos_bias=2.0)
+  """The full MIMIC model (1 view, 49 patches, K = 500) decoded for 50 steps instead of 100: the torch reference
+  recomputes the whole prefix every step (O(T²)), and 100 steps cost it over 5 minutes of CI time."""
+  config = full_config("mimic_cxr", 500)
+  config.data.max_seq_length = 50
+  beam_parity(config, [10] * 3, seed=13, eos_bias=2.0, logit_scale=2.0)
