@@ -77,29 +77,14 @@ def full_config(preset: str, *, dtype: str = "float32", remat: bool = False):
 
 
 def make_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Numpy batch: images (B, V, H, W, 3) float32, targets (B, T) int32, masks (B, T) float32, labels (B, C).
+  """``torch_reference.batches.random_batch`` with report lengths (BOS + words + EOS) uniform in [T/2, T], the
+  first one T, so that the torch collate (cut to the batch's own longest report) and the JAX pad length are both
+  T = ``max_seq_length``."""
+  from torch_reference.batches import random_batch  # pylint: disable=g-import-not-at-top
 
-  Report lengths (BOS + words + EOS) are uniform in [T/2, T], the first one T, so that the torch collate (cut to
-  the batch's own longest report) and the JAX pad length are both T = ``max_seq_length``. The first sample has
-  no positive label (excluded from the VTAC MSE), the second has one.
-  """
-  rng = np.random.default_rng(seed)
-  t, k = config.data.max_seq_length, config.model.vocab_size
-  lengths = [t] + [int(n) for n in rng.integers(t // 2, t + 1, size=batch_size - 1)]
-  d = config.data
-  images = rng.normal(size=(batch_size, d.num_views, d.image_size, d.image_size, 3)).astype(np.float32)
-  targets = np.zeros((batch_size, t), np.int32)
-  masks = np.zeros((batch_size, t), np.float32)
-  for i, n in enumerate(lengths):
-    targets[i, 1:n] = rng.integers(1, k, size=n - 1)
-    if n < t:
-      targets[i, n - 1] = 0  # EOS
-    masks[i, :n] = 1
-  labels = (rng.random((batch_size, config.model.num_classes)) < 0.3).astype(np.float32)
-  labels[0] = 0
-  if batch_size > 1:
-    labels[1, 0] = 1
-  return dict(images=images, targets=targets, masks=masks, labels=labels)
+  t = config.data.max_seq_length
+  lengths = [t] + [int(n) for n in np.random.default_rng(seed).integers(t // 2, t + 1, size=batch_size - 1)]
+  return random_batch(config, lengths, seed)
 
 
 def torch_images(images: np.ndarray):

@@ -19,6 +19,7 @@ from configs import camanet as camanet_config
 from conftest import tiny_config
 from rrg_jax import convert
 from torch_reference import camanet as ref
+from torch_reference.batches import random_batch
 
 torch.set_default_dtype(torch.float32)
 
@@ -64,25 +65,6 @@ def full_config(preset: str, vocab_size: int):
   c = camanet_config.get_config(preset)
   c.model.vocab_size = vocab_size
   return c
-
-
-def make_batch(config, lengths: list[int], seed: int):
-  """Numpy batch padded to ``max_seq_length``: images (B, V, H, W, 3), targets/masks (B, T), labels (B, C).
-  ``lengths`` are len(ids) incl. BOS (and EOS unless truncated at T)."""
-  rng = np.random.default_rng(seed)
-  b, t, k = len(lengths), config.data.max_seq_length, config.model.vocab_size
-  images = rng.normal(size=(b, config.data.num_views, config.data.image_size, config.data.image_size, 3))
-  targets = np.zeros((b, t), np.int32)
-  masks = np.zeros((b, t), np.float32)
-  for i, n in enumerate(lengths):
-    targets[i, 1:n] = rng.integers(1, k, size=n - 1)
-    if n < t:
-      targets[i, n - 1] = 0  # EOS
-    masks[i, :n] = 1
-  labels = (rng.random((b, config.model.num_classes)) < 0.3).astype(np.float32)
-  labels[0] = 0  # one sample without positives: excluded from the MSE
-  labels[1, 0] = 1
-  return dict(images=images.astype(np.float32), targets=targets, masks=masks, labels=labels)
 
 
 def torch_inputs(batch):
@@ -134,7 +116,7 @@ def flat(tree) -> dict[str, np.ndarray]:
 # --- eval mode ------------------------------------------------------------------------------------------------
 
 def eval_parity(config, lengths, seed, *, rtol=1e-5, logp_atol=1e-4):
-  batch = make_batch(config, lengths, seed)
+  batch = random_batch(config, lengths, seed)
   tmodel = make_torch_model(config, batch, seed).eval()
   images, targets, _, _ = torch_inputs(batch)
   with torch.no_grad():
@@ -173,7 +155,7 @@ def train_parity(config, lengths, seed):
 
   config.model.dropout = 0.0
   config.model.drop_prob_lm = 0.0
-  batch = make_batch(config, lengths, seed)
+  batch = random_batch(config, lengths, seed)
   tmodel = make_torch_model(config, batch, seed)
   ref.set_dropout_(tmodel, 0.0)
   fmodel, variables = to_flax(tmodel, config)
@@ -305,7 +287,7 @@ def test_reference_vdm_hand_computed():
 def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True, logit_scale: float = 1.0):
   from rrg_jax import decoding
 
-  batch = make_batch(config, lengths, seed)
+  batch = random_batch(config, lengths, seed)
   tmodel = make_torch_model(config, batch, seed, eos_bias, logit_scale).eval()
   want = ref.beam_search(tmodel, torch_inputs(batch)[0], config.data.max_seq_length, beam_size=3)
   fmodel, variables = to_flax(tmodel, config)
