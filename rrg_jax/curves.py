@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LOSS_KEYS = ("loss", "ce", "bce", "mse")
 SCORE_KEYS = ("BLEU_4", "BLEU_1")
@@ -45,7 +46,7 @@ def plot_curves(metrics_path: str | pathlib.Path, out_png: str | pathlib.Path) -
   if points:
     ax_score.plot(*zip(*points), label="selection score", marker="s", linestyle="--")
   ax_score.set(xlabel="epoch", ylabel="score", title="evaluation (beam search)")
-  ax_score.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax_score.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   for ax in (ax_loss, ax_score):
     if ax.lines:
       ax.legend(fontsize="small")
