@@ -7,6 +7,7 @@ counts in its RSS) only its own framework.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -222,3 +223,25 @@ def describe_machine() -> str:
     torch = sys.modules["torch"]
     parts.append(f"torch {torch.__version__} (cpu, {torch.get_num_threads()} threads)")
   return ", ".join(parts)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+def base_parser(description: str, batch_sizes: str) -> argparse.ArgumentParser:
+  """The options both JAX-vs-torch benchmarks take: configs, batch sizes, repeats, warm-up, threads, --quick."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--configs", default="iu_xray,mimic_cxr")
+  parser.add_argument("--batch-sizes", default=batch_sizes)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default: all available)")
+  parser.add_argument("--quick", action="store_true", help="iu_xray, batch 2, 1 warm-up, 2 repeats")
+  return parser
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+  """``parser.parse_args()`` with ``--quick`` applied."""
+  args = parser.parse_args()
+  if args.quick:
+    args.configs, args.batch_sizes, args.warmup, args.repeats = "iu_xray", "2", 1, 2
+  return args

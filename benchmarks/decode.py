@@ -31,7 +31,6 @@ then ``--repeats`` rounds alternating one blocking call of each decoder; medians
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import pathlib
@@ -126,18 +125,10 @@ def time_one(preset: str, b: int, args) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--configs", default="iu_xray,mimic_cxr")
-  parser.add_argument("--batch-sizes", default="2,16")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default: all available)")
+  parser = C.base_parser(__doc__.split("\n\n")[0], batch_sizes="2,16")
   parser.add_argument("--eos-bias", type=float, default=-30.0, help="added to the EOS logit bias")
   parser.add_argument("--matmul-precision", default=None, help="jax_default_matmul_precision, e.g. highest")
-  parser.add_argument("--quick", action="store_true", help="iu_xray, batch 2, 1 warm-up, 2 repeats")
-  args = parser.parse_args()
-  if args.quick:
-    args.configs, args.batch_sizes, args.warmup, args.repeats = "iu_xray", "2", 1, 2
+  args = C.parse_args(parser)
 
   import jax
   import torch  # noqa: F401  (limit_cpus sets its threads)

@@ -233,21 +233,13 @@ def memory(args, presets, batch_sizes) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--configs", default="iu_xray,mimic_cxr")
-  parser.add_argument("--batch-sizes", default="8,32")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default: all available)")
+  parser = C.base_parser(__doc__.split("\n\n")[0], batch_sizes="8,32")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute dtype")
   parser.add_argument("--remat", action="store_true", help="JAX: rematerialise DenseNet layers")
   parser.add_argument("--memory", action="store_true", help="peak memory per side in child processes")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100/H200 bf16 dense)")
-  parser.add_argument("--quick", action="store_true", help="iu_xray, batch 2, 1 warm-up, 2 repeats")
   parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.quick:
-    args.configs, args.batch_sizes, args.warmup, args.repeats = "iu_xray", "2", 1, 2
+  args = C.parse_args(parser)
   if args.child:
     return child(args)
   presets = args.configs.split(",")
