@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rrg_jax.layers.densenet import BatchNorm, DenseNet, densenet_channels
+from rrg_jax.layers.densenet import BatchNorm, DenseNet, PointwiseConv, densenet_channels
 from torch_reference import camanet as ref
 
 TINY = dict(growth_rate=8, block_config=(1, 2, 1, 1), num_init_features=16, bn_size=2)
@@ -34,6 +34,25 @@ def test_batch_norm_init_does_not_touch_running_stats():
   v = BatchNorm().init(jax.random.key(0), jnp.full((2, 3, 3, 4), 7.0), True)
   np.testing.assert_array_equal(v["batch_stats"]["mean"], 0.0)
   np.testing.assert_array_equal(v["batch_stats"]["var"], 1.0)
+
+
+def test_pointwise_conv_is_a_1x1_convolution_with_its_gradients():
+  """PointwiseConv (a matmul) against torch's conv2d 1×1 on the same kernel: output, input and weight gradients."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 6, 7), np.float32)
+  layer = PointwiseConv(3)
+  v = layer.init(jax.random.key(0), x)
+  assert v["params"]["kernel"].shape == (1, 1, 7, 3)
+  y, vjp = jax.vjp(lambda p, x_: layer.apply({"params": p}, x_), v["params"], x)
+  g = rng.standard_normal(y.shape, np.float32)
+  dp, dx = vjp(jnp.asarray(g))
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  wt = torch.tensor(np.asarray(v["params"]["kernel"]).transpose(3, 2, 0, 1), requires_grad=True)  # (O, I, 1, 1)
+  yt = torch.nn.functional.conv2d(xt, wt)
+  yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dp["kernel"], wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_densenet121_shapes_and_parameter_count():
