@@ -154,6 +154,15 @@ def xla_temp_mib(compiled) -> float:
     return float("nan")
 
 
+def saved_residual_mib(loss: Callable[..., object], *args) -> float:
+  """MiB of the arrays ``jax.vjp(loss, *args)`` keeps for the backward pass: the program's activation memory as
+  JAX hands it to XLA (before XLA's fusion and buffer assignment). Shapes only; nothing is computed."""
+  import jax
+
+  res = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(loss, *a)[1]), *args)
+  return sum(r.size * r.dtype.itemsize for r in res) / 2**20
+
+
 def device_peak_mib() -> float:
   """Accelerator peak bytes in use (GPU/TPU ``memory_stats``) in MiB; NaN on CPU."""
   import jax

