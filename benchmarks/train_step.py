@@ -101,24 +101,6 @@ def jax_backbone(config, variables, images):
   return (lambda: jax.block_until_ready(compiled(*args))), compiled
 
 
-def train_loss(model, config, variables, batch):
-  """params → the step's training loss (dropout on, BatchNorm batch statistics), for ``C.saved_residual_mib``."""
-  import jax
-  import jax.numpy as jnp
-  from rrg_jax import losses
-
-  loss_fn = losses.make_loss_fn(config)
-
-  def loss(params):
-    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["images"],
-                         batch["targets"], batch["masks"], train=True, rngs={"dropout": jax.random.key(0)},
-                         mutable=["batch_stats"])
-    out = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
-    return loss_fn(out, batch)[0]
-
-  return loss
-
-
 # --- torch ----------------------------------------------------------------------------------------------------
 
 def torch_train_step(config, tmodel, batch):
@@ -208,7 +190,7 @@ def child(args) -> None:
     run = torch_train_step(config, C.torch_model(config), batch)
   else:
     import jax
-    from rrg_jax import models
+    from rrg_jax import losses, models
     from rrg_jax import train_state as ts
 
     C.limit_cpus(args.threads)
@@ -216,7 +198,9 @@ def child(args) -> None:
     variables = jax.device_get(jax.jit(lambda k: ts.init_variables(model, config, k))(jax.random.key(0)))
     run, compiled, _ = jax_train_step(config, variables, batch)
     extra = {"xla_temp_mib": C.xla_temp_mib(compiled),
-             "residual_mib": C.saved_residual_mib(train_loss(model, config, variables, batch), variables["params"])}
+             "residual_mib": C.saved_residual_mib(
+                 lambda p: ts.training_loss(model, losses.make_loss_fn(config), p, variables["batch_stats"], batch,
+                                            jax.random.key(0))[0], variables["params"])}
     del variables
   gc.collect()
   setup_peak = C.rss_mib()

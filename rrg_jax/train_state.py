@@ -78,6 +78,18 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def training_loss(model: nn.Module, loss_fn: LossFn, params, batch_stats, batch: Mapping[str, jax.Array],
+                  key: jax.Array) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+  """The train-mode loss of ``params`` (dropout from ``key``, BatchNorm batch statistics) → (loss, (loss parts,
+  updated batch_stats)). Model outputs are cast to float32 before ``loss_fn``, so bf16 compute still gets an fp32
+  loss."""
+  out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["images"], batch["targets"],
+                              batch["masks"], train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+  out = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
+  loss, parts = loss_fn(out, batch)
+  return loss, (parts, new_vars.get("batch_stats", batch_stats))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """``train_step(state, batch) -> (new_state, metrics)`` (not jitted; see ``jit_train_step``).
@@ -87,16 +99,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def loss_of(params):
-      out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["images"],
-                                  batch["targets"], batch["masks"], train=True, rngs={"dropout": key},
-                                  mutable=["batch_stats"])
-      # bf16 compute (config.model.dtype) still gets an fp32 loss; params and optimiser state stay fp32.
-      out = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
-      loss, parts = loss_fn(out, batch)
-      return loss, (parts, new_vars.get("batch_stats", state.batch_stats))
-
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(
+        lambda p: training_loss(model, loss_fn, p, state.batch_stats, batch, key), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
