@@ -11,7 +11,7 @@ duration of every executed XLA op (thunk) from the trace, classified with the op
 * ``conv forward`` / ``conv input-grad`` / ``conv weight-grad``: convolutions (3×3, 7×7; the source op's metadata
   says forward (``jvp``) or transposed (``transpose(jvp``); weight gradients, which XLA builds with an H×W window,
   carry none),
-* ``dot``: matmuls (the 1×1 convolutions, ``layers.densenet.PointwiseConv``, in all three directions),
+* ``dot``: matmuls (the 1×1 convolutions, ``layers.conv.PointwiseConv``, in all three directions),
 * ``layout copy``: transposes/copies that change an array's layout (XLA:CPU makes channel-major copies of the
   activations for the weight gradients),
 * ``reduction``: fusions containing a reduce (BatchNorm statistics and their gradients),

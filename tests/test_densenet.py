@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from rrg_jax.layers.densenet import BatchNorm, DenseNet, PointwiseConv, densenet_channels
+from rrg_jax.layers.conv import PointwiseConv
+from rrg_jax.layers.densenet import DenseNet, densenet_channels
+from rrg_jax.layers.norms import BatchNorm
 from torch_reference import camanet as ref
 
 TINY = dict(growth_rate=8, block_config=(1, 2, 1, 1), num_init_features=16, bn_size=2)

@@ -1,4 +1,5 @@
-"""R2Gen layer norms (spec §5.1, §5.3): unbiased std with eps added to the std, statistics in float32."""
+"""Norms: R2Gen layer norms (spec §5.1, §5.3: unbiased std with eps added to the std, statistics in float32) and
+the torch-exact ``BatchNorm`` (torch ``BatchNorm2d``: unbiased running variance, torch's CPU kernel form)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,39 @@ class ConditionalLayerNorm(nn.Module):
     delta_gamma = mlp("mlp_gamma").astype(jnp.float32)
     delta_beta = mlp("mlp_beta").astype(jnp.float32)
     return _normalize(x, gamma + delta_gamma, beta + delta_beta, self.eps).astype(self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """torch ``BatchNorm2d`` over the last (channel) axis: (..., C) → (..., C) in ``dtype``.
+
+  Params ``scale`` (1) / ``bias`` (0); collection ``batch_stats``: ``mean`` (0) / ``var`` (1).
+  train: normalise with the batch mean and biased batch variance; update (unless initialising)
+  ``mean ← (1−m)·mean + m·batch_mean`` and ``var ← (1−m)·var + m·batch_var·n/(n−1)`` (unbiased, as torch; Flax's
+  BatchNorm stores the biased one). eval: running statistics. Statistics are float32.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axis=axes)
+      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      n = x.size // c
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    # torch's CPU kernel form: alpha = weight / sqrt(var + eps), beta = bias − mean · alpha, y = x · alpha + beta.
+    alpha = scale * (1.0 / jnp.sqrt(var + self.epsilon))
+    return (x * alpha + (bias - mean * alpha)).astype(self.dtype)
