@@ -124,12 +124,11 @@ def torch_model(config, images=None, *, seed: int = 0, eos_bias: float = 0.0):
 
 def to_flax(model, config):
   """(Flax module for ``config.model``, numpy ``{'params', 'batch_stats'}`` converted from the torch model)."""
-  from rrg_jax import convert, models
+  from rrg_jax import models
 
-  expected = convert.expected_variables(config.model, config.data.num_views, config.data.image_size,
-                                        config.data.max_seq_length)
+  system = models.get_system(config)
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return models.get_model(config.model), convert.state_dict_to_variables(sd, expected)
+  return system.module, system.torch_to_variables(sd, "torch reference")
 
 
 # --- XLA introspection ------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ r"""Beam-3 report generation, rrg_jax vs the PyTorch reference, on the same weig
 Each call generates reports of up to ``max_seq_length`` tokens (60 IU X-Ray, 100 MIMIC-CXR) for a batch of images,
 encoder (DenseNet + FBL + transformer encoder, eval mode) included:
 
-* JAX cached: ``rrg_jax.decoding._generate`` (what ``generate_reports`` jits), beam 3, KV / relational-memory
-  cache (``camanet_step_fns(cached=True)``), batched over images, AOT-compiled (timed as "compile").
+* JAX cached: ``rrg_jax.decoding.encode_and_decode`` (what ``System.generate`` jits), beam 3, KV /
+  relational-memory cache (``encoder_decoder_step_fns(cached=True)``), batched over images, AOT-compiled (timed as
+  "compile").
 * JAX cached, no early exit (information): the same search with ``beam_search(early_exit=False)``.
 * JAX full prefix (information): ``cached=False``, the decoder re-run over the whole ``max_len`` prefix buffer.
 * torch: ``tests/torch_reference`` ``beam_search``, the original algorithm: the decoder (and the relational
@@ -60,16 +61,16 @@ def jax_decoders(model, variables, images: np.ndarray, max_len: int) -> dict:
   @functools.partial(jax.jit, static_argnames=("max_len",))
   def no_early_exit(variables, images, *, max_len):
     enc = model.apply(variables, images, method="encode")
-    step_fn, state = decoding.camanet_step_fns(model, variables, enc["memory"], max_len, cached=True)
+    step_fn, state = decoding.encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=True)
     dec = decoding.beam_search(step_fn, state, images.shape[0], beam_size=BEAM, max_len=max_len, early_exit=False)
     return {"tokens": dec.tokens, "steps": dec.steps}
 
   lowered = {
-      "jax cached": lambda: decoding._generate.lower(model, variables, images, method="beam", beam_size=BEAM,
-                                                     max_len=max_len, cached=True, attention_layer=None),
+      "jax cached": lambda: decoding.encode_and_decode.lower(model, variables, images, method="beam",
+                                                             beam_size=BEAM, max_len=max_len, cached=True),
       "jax cached, no early exit": lambda: no_early_exit.lower(variables, images, max_len=max_len),
-      "jax full prefix": lambda: decoding._generate.lower(model, variables, images, method="beam", beam_size=BEAM,
-                                                          max_len=max_len, cached=False, attention_layer=None),
+      "jax full prefix": lambda: decoding.encode_and_decode.lower(model, variables, images, method="beam",
+                                                                  beam_size=BEAM, max_len=max_len, cached=False),
       "encode": lambda: jax.jit(lambda v, x: model.apply(v, x, method="encode")["memory"]).lower(variables, images)}
   out = {}
   for name, lower in lowered.items():

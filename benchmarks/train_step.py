@@ -7,7 +7,7 @@ One step = train-mode forward (dropout as configured, BatchNorm batch statistics
 backward, element-wise gradient clipping to ±0.1, two-group Adam/AMSGrad (weight decay 5e-5) update.
 
 * JAX: the production step: ``optim.make_optimizer`` → ``train_state.create_train_state`` →
-  ``make_train_step`` (loss ``losses.make_loss_fn``, as ``rrg_jax.train``) → ``jit_train_step`` on a 1-device
+  ``make_train_step`` (the system's loss, as ``rrg_jax.train``) → ``jit_train_step`` on a 1-device
   ``sharding.create_mesh``, AOT-compiled (``lower().compile()``, timed as "compile"), state donated and fed back.
   ``--dtype bfloat16`` / ``--remat`` set ``config.model.dtype`` / ``config.model.remat`` (JAX only).
 * torch: ``tests/torch_reference`` CAMANet in train mode, ``ref.losses``, ``backward()``,
@@ -61,16 +61,16 @@ def jax_train_step(config, variables, batch):
   """The production step on numpy ``variables`` and ``batch`` → (run() → loss, compiled executable, compile s).
   ``run`` blocks on the new state and metrics and keeps the new state for the next call."""
   import jax
-  from rrg_jax import losses, models, optim, sharding
+  from rrg_jax import models, optim, sharding
   from rrg_jax import train_state as ts
 
-  model = models.get_model(config.model)
+  system = models.get_system(config)
   tx = optim.make_optimizer(config, STEPS_PER_EPOCH)
   mesh = sharding.create_mesh((1,))
   state = ts.create_train_state(jax.device_put(variables), tx, jax.random.key(config.seed))
   state = jax.device_put(state, ts.state_sharding(state, mesh))
-  step = ts.jit_train_step(ts.make_train_step(model, tx, losses.make_loss_fn(config)), state, mesh)
-  inputs = jax.device_put(ts.train_inputs(batch), sharding.batch_sharding(mesh))
+  step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
+  inputs = jax.device_put(system.device_batch(batch), sharding.batch_sharding(mesh))
   compiled, compile_s = C.timed(lambda: step.lower(state, inputs).compile())
   holder = {"state": state}
 
@@ -190,17 +190,17 @@ def child(args) -> None:
     run = torch_train_step(config, C.torch_model(config), batch)
   else:
     import jax
-    from rrg_jax import losses, models
+    from rrg_jax import models
     from rrg_jax import train_state as ts
 
     C.limit_cpus(args.threads)
-    model = models.get_model(config.model)
-    variables = jax.device_get(jax.jit(lambda k: ts.init_variables(model, config, k))(jax.random.key(0)))
+    system = models.get_system(config)
+    variables = jax.device_get(jax.jit(system.init)(jax.random.key(0)))
     run, compiled, _ = jax_train_step(config, variables, batch)
     extra = {"xla_temp_mib": C.xla_temp_mib(compiled),
              "residual_mib": C.saved_residual_mib(
-                 lambda p: ts.training_loss(model, losses.make_loss_fn(config), p, variables["batch_stats"], batch,
-                                            jax.random.key(0))[0], variables["params"])}
+                 lambda p: ts.training_loss(system, p, variables["batch_stats"], batch, jax.random.key(0))[0],
+                 variables["params"])}
     del variables
   gc.collect()
   setup_peak = C.rss_mib()

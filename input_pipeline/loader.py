@@ -13,7 +13,7 @@ Public API::
 
 Batches (host-local numpy; ``Bl = config.train.batch_size // jax.process_count()``, ``V`` =
 ``config.data.num_views``, ``S`` = ``config.data.image_size``, ``T`` = ``config.data.max_seq_length``,
-``C`` = ``config.model.num_classes``)::
+``C`` = ``config.model.num_classes``, 0 for systems without a classifier)::
 
     images   float32 (Bl, V, S, S, 3)  ImageNet-normalised, NHWC
     targets  int32   (Bl, T)           encode(report)[:T] = [0, w1..wn, 0] truncated, zero padded
@@ -72,11 +72,16 @@ def _load_split_cached(data_dir: str, split: str, annotation: str, labels: str, 
                                   on_bad_record=on_bad_record))
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The label-vector length the model reads: ``config.model.num_classes`` (0 when the system has none)."""
+  return int(config.model.get("num_classes", 0))
+
+
 def load_records(config: ml_collections.ConfigDict, split: str) -> list[records.Record]:
   """The validated records of ``split`` of the R2Gen folder ``config.data.data_dir`` (cached per process)."""
   d = config.data
   return list(_load_split_cached(str(records.resolve_data_dir(d.data_dir)), split, d.annotation, d.labels,
-                                 d.label_key, int(d.num_views), int(config.model.num_classes), d.on_bad_record))
+                                 d.label_key, int(d.num_views), num_classes(config), d.on_bad_record))
 
 
 def default_tfds_dir() -> pathlib.Path:
@@ -172,7 +177,7 @@ class _Prepare:
     self.train = train
     self.num_views = int(d.num_views)
     self.max_len = int(d.max_seq_length)
-    self.num_classes = int(config.model.num_classes)
+    self.num_classes = num_classes(config)
     self.augment, self.resize, self.image_size = d.augment, int(d.resize), int(d.image_size)
 
   def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:

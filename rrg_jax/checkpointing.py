@@ -151,3 +151,51 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+# --- staged training ------------------------------------------------------------------------------------------
+
+def _in_subtree(path: str, prefix: str) -> bool:
+  return prefix == "" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def init_from(variables: dict[str, Any], path: str | pathlib.Path, take: tuple[str, ...]) -> dict[str, Any]:
+  """Staged training (``config.train.init_from``): ``variables`` with subtrees copied from the model of ``path``
+  (an inference checkpoint, or a training workdir's ``best/``).
+
+  ``take`` entries are parameter-path prefixes (``"visual_extractor"``; ``""`` = everything) copied to the same
+  place, or ``"dst=src"`` to copy the checkpoint's subtree ``src`` into ``dst``; params and batch statistics alike.
+  Every parameter an entry covers must exist in the checkpoint with the same shape: one ``CheckpointError`` lists
+  every missing or mis-shaped one (and an entry that covers nothing).
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  _, source, _ = load_inference(path)
+  new, problems = {}, []
+  covered = {entry: False for entry in take}
+  for collection in ("params", "batch_stats"):
+    dst_flat = traverse_util.flatten_dict(dict(variables.get(collection, {})), sep="/")
+    src_flat = traverse_util.flatten_dict(dict(source.get(collection, {}) or {}), sep="/")
+    for key, value in dst_flat.items():
+      for entry in take:
+        dst, _, src = entry.partition("=")
+        src = src if "=" in entry else dst
+        if not _in_subtree(key, dst):
+          continue
+        covered[entry] = True
+        rel = key[len(dst.rstrip("/")):] if dst else "/" + key
+        src_key = (src.rstrip("/") + rel).lstrip("/")
+        if src_key not in src_flat:
+          problems.append(f"{collection}/{key}: the checkpoint has no {collection}/{src_key}")
+        elif np.shape(src_flat[src_key]) != np.shape(value):
+          problems.append(f"{collection}/{key} {np.shape(value)}: the checkpoint's {collection}/{src_key} is "
+                          f"{np.shape(src_flat[src_key])}")
+        else:
+          dst_flat[key] = np.asarray(src_flat[src_key], np.asarray(value).dtype)
+        break
+    new[collection] = traverse_util.unflatten_dict(dst_flat, sep="/")
+  problems += [f"take entry {entry!r} covers no parameter of the model" for entry, hit in covered.items() if not hit]
+  if problems:
+    raise CheckpointError(f"config.train.init_from={str(path)!r} does not fit the model:\n  " + "\n  ".join(problems))
+  return {**variables, **new}

@@ -1,13 +1,18 @@
-"""PyTorch CAMANet / torchvision DenseNet weights → Flax variables.
+"""PyTorch checkpoints of the original systems / torchvision backbones → Flax variables.
 
-CLI (official checkpoint → inference checkpoint)::
+CLI (an official checkpoint of any registered system → inference checkpoint)::
 
   python -m rrg_jax.convert --torch model_best.pth --config configs/camanet.py:iu_xray \
       --out checkpoints/camanet_iu [--annotation data/iu_xray/annotation.json]
+  python -m rrg_jax.convert --torch model_best.pth --config configs/r2gen.py:iu_xray --out checkpoints/r2gen_iu
 
-ImageNet initialisation for training: ``load_torchvision_densenet(path, variables)`` copies a local torchvision
-``densenet121`` file (``densenet121-a639ec97.pth``, old ``norm.1`` or new ``norm1`` key spelling) into the
-backbone of an existing variables tree (``config.model.pretrained_backbone`` names such a file).
+The system (``config.model.name``) says which key holds the vocabulary and how its original keys are renamed onto
+the naming rule below (``System.torch_vocab_key`` / ``torch_key_renames``).
+
+ImageNet initialisation for training: ``load_torchvision_backbone(path, variables, kind=...)`` copies a local
+torchvision ``densenet121`` file (``densenet121-a639ec97.pth``, old ``norm.1`` or new ``norm1`` key spelling) or
+``resnet*`` file into the ``visual_extractor/model`` backbone of an existing variables tree
+(``config.model.pretrained_backbone`` names such a file).
 
 Naming rule (Flax names mirror the torch keys): split the key on '.', merge every numeric component onto the one
 before it with '_', join with '/'; the leaf ``weight`` becomes ``kernel`` (Linear: transposed; Conv: OIHW→HWIO),
@@ -201,24 +206,50 @@ def _backbone_shapes(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return _unflatten(flat)
 
 
+def _into_backbone(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any], source: str
+                   ) -> dict[str, Any]:
+  """``variables`` with the ``visual_extractor/model`` subtrees replaced by ``state_dict`` (keys already
+  ``visual_extractor.model.*``); the backbone configuration must match (refuses listing all differing keys)."""
+  sub = {c: {BACKBONE[0]: {BACKBONE[1]: variables[c][BACKBONE[0]][BACKBONE[1]]}} for c in ("params", "batch_stats")}
+  loaded = state_dict_to_variables(state_dict, sub, source)
+  new = {c: dict(v) for c, v in variables.items()}
+  for c in ("params", "batch_stats"):
+    new[c][BACKBONE[0]] = {**variables[c][BACKBONE[0]], BACKBONE[1]: loaded[c][BACKBONE[0]][BACKBONE[1]]}
+  return new
+
+
 def load_torchvision_densenet(path: str | pathlib.Path, variables: Mapping[str, Any] | None = None
                               ) -> dict[str, Any]:
   """Local torchvision ImageNet DenseNet file → Flax backbone weights.
 
-  With ``variables`` (a full CAMANet tree): returns it with ``visual_extractor/model`` params and batch stats
-  replaced; the backbone configuration must match the file (refuses listing all differing keys).
-  Without: returns ``{"params": backbone, "batch_stats": backbone}`` (the ``visual_extractor/model`` subtrees).
+  With ``variables`` (a full model tree with a ``visual_extractor/model`` DenseNet): returns it with the backbone
+  params and batch stats replaced; the backbone configuration must match the file (refuses listing all differing
+  keys). Without: returns ``{"params": backbone, "batch_stats": backbone}`` (the ``visual_extractor/model``
+  subtrees).
   """
   state_dict = torchvision_to_backbone_state_dict(load_state_dict(path))
   if variables is None:
     loaded = state_dict_to_variables(state_dict, _backbone_shapes(state_dict), str(path))
     return {c: loaded[c][BACKBONE[0]][BACKBONE[1]] for c in ("params", "batch_stats")}
-  sub = {c: {BACKBONE[0]: {BACKBONE[1]: variables[c][BACKBONE[0]][BACKBONE[1]]}} for c in ("params", "batch_stats")}
-  loaded = state_dict_to_variables(state_dict, sub, str(path))
-  new = {c: dict(v) for c, v in variables.items()}
-  for c in ("params", "batch_stats"):
-    new[c][BACKBONE[0]] = {**variables[c][BACKBONE[0]], BACKBONE[1]: loaded[c][BACKBONE[0]][BACKBONE[1]]}
-  return new
+  return _into_backbone(state_dict, variables, str(path))
+
+
+BACKBONE_KINDS = ("densenet", "resnet")
+
+
+def load_torchvision_backbone(path: str | pathlib.Path, variables: Mapping[str, Any], *, kind: str
+                              ) -> dict[str, Any]:
+  """``variables`` with its ``visual_extractor/model`` backbone loaded from a local torchvision ImageNet file:
+  ``kind`` "densenet" (``densenet121-*.pth``) or "resnet" (``resnet{18,34,50,101,152}-*.pth``; ``fc.*`` dropped).
+  A missing file, or one whose backbone differs from the configured one, is a ``ConversionError``."""
+  if kind not in BACKBONE_KINDS:
+    raise ValueError(f"Unknown backbone kind {kind!r}; choose one of {BACKBONE_KINDS}.")
+  if not pathlib.Path(path).is_file():
+    raise ConversionError(f"config.model.pretrained_backbone={str(path)!r} does not exist.")
+  if kind == "densenet":
+    return load_torchvision_densenet(path, variables)
+  state_dict = {f"{'.'.join(BACKBONE)}.{k}": v for k, v in load_state_dict(path).items() if not k.startswith("fc.")}
+  return _into_backbone(state_dict, variables, str(path))
 
 
 # --- the CLI --------------------------------------------------------------------------------------------------
@@ -233,21 +264,6 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(preset) if preset else module.get_config()
-
-
-def expected_variables(model_config, num_views: int, image_size: int, max_seq_length: int) -> dict[str, Any]:
-  """Shapes/dtypes of ``model.init`` for ``model_config`` (no computation)."""
-  import jax
-  import jax.numpy as jnp
-  from rrg_jax import models
-
-  model = models.get_model(model_config)
-  images = jax.ShapeDtypeStruct((1, num_views, image_size, image_size, 3), jnp.float32)
-  targets = jax.ShapeDtypeStruct((1, max_seq_length), jnp.int32)
-  masks = jax.ShapeDtypeStruct((1, max_seq_length), jnp.float32)
-  rng = jax.random.key(0)
-  return jax.eval_shape(lambda i, t, m: model.init({"params": rng, "dropout": rng}, i, t, m, train=False),
-                        images, targets, masks)
 
 
 def build_tokenizer(annotation: str | pathlib.Path, config):
@@ -266,13 +282,13 @@ def build_tokenizer(annotation: str | pathlib.Path, config):
 
 def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
             annotation: str | pathlib.Path | None = None) -> pathlib.Path:
-  """Official ``.pth`` → inference checkpoint at ``out`` (config.json + vocab.json + variables/)."""
-  from rrg_jax import checkpointing
+  """Official ``.pth`` of the system ``config.model.name`` → inference checkpoint at ``out`` (config.json +
+  vocab.json + variables/)."""
+  from rrg_jax import checkpointing, models
 
+  config = config.copy_and_resolve_references()
   state_dict = load_state_dict(torch_path)
-  if "encoder_decoder.logit.weight" not in state_dict:
-    raise ConversionError(f"{torch_path} has no 'encoder_decoder.logit.weight': not a CAMANet state_dict.")
-  vocab_size = int(state_dict["encoder_decoder.logit.weight"].shape[0])
+  vocab_size = models.get_system(config).torch_vocab_size(state_dict, str(torch_path))
   if annotation is None:
     annotation = pathlib.Path(config.data.data_dir) / config.data.annotation
   if not pathlib.Path(annotation).is_file():
@@ -282,30 +298,23 @@ def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
   if tokenizer.vocab_size != vocab_size:
     raise ConversionError(f"{torch_path} has {vocab_size} output classes but the vocabulary built from "
                           f"{annotation} (threshold {config.data.threshold}) has {tokenizer.vocab_size}.")
-  config = config.copy_and_resolve_references()
   config.model.vocab_size = vocab_size
-  expected = expected_variables(config.model, config.data.num_views, config.data.image_size,
-                                config.data.max_seq_length)
-  variables = state_dict_to_variables(state_dict, expected, str(torch_path))
+  variables = models.get_system(config).torch_to_variables(state_dict, str(torch_path))
   return checkpointing.save_inference(out, config, variables, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m rrg_jax.convert", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--torch", required=True, help="official CAMANet .pth (model_best.pth)")
-  parser.add_argument("--config", required=True, help="configs/camanet.py:PRESET")
+  parser.add_argument("--torch", required=True, help="the original code's checkpoint (model_best.pth)")
+  parser.add_argument("--config", required=True, help="configs/<system>.py:PRESET (e.g. configs/camanet.py:iu_xray)")
   parser.add_argument("--out", required=True, help="output inference checkpoint directory")
   parser.add_argument("--annotation", default=None,
                       help="annotation.json whose train split defines the vocabulary "
                            "(default: config data_dir/annotation)")
   args = parser.parse_args(argv)
-  try:
-    out = convert(args.torch, load_config(args.config), args.out, args.annotation)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}")
-  return 0
+  from rrg_jax import cli  # pylint: disable=g-import-not-at-top
+
+  return cli.run_main(lambda: print(f"wrote {convert(args.torch, load_config(args.config), args.out, args.annotation)}"))
 
 
 if __name__ == "__main__":

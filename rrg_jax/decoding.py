@@ -6,7 +6,7 @@ The search is model-agnostic: it drives a *step function*
 
 that feeds one token per row and returns the log-probabilities of the next token. Every leaf of ``state`` has
 the leading dimension ``N`` (``B`` for the first call, ``B * beam_size`` afterwards: rows ``b * beam_size + j``).
-Two flavours share the one loop (``camanet_step_fns``):
+Two flavours share the one loop (``encoder_decoder_step_fns``):
 
 * full prefix (the original algorithm): the state holds the prefix buffer and the decoder is re-run over the whole
   buffer every step (causal, so positions after the current one do not influence it);
@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 EOS = 0
@@ -155,9 +154,9 @@ def greedy(step_fn: StepFn, init_state: Any, batch_size: int, *, max_len: int, e
   return beam_search(step_fn, init_state, batch_size, beam_size=1, max_len=max_len, early_exit=early_exit)
 
 
-# --- CAMANet adapter ----------------------------------------------------------------------------------------
+# --- models with an R2Gen encoder-decoder (layers.encoder_decoder.EncoderDecoderModel) ---------------------
 
-def camanet_step_fns(model: nn.Module, variables: Any, memory: jax.Array, max_len: int, *, cached: bool
+def encoder_decoder_step_fns(model: nn.Module, variables: Any, memory: jax.Array, max_len: int, *, cached: bool
                      ) -> tuple[StepFn, Any]:
   """(step_fn, init_state) for the decoder of ``model`` given the encoder memory (B, N, D).
 
@@ -194,34 +193,25 @@ def word_attention(model: nn.Module, variables: Any, memory: jax.Array, tokens: 
   return jnp.mean(attns[layer].astype(jnp.float32), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "beam_size", "max_len", "cached", "attention_layer"))
-def _generate(model: nn.Module, variables: Any, images: jax.Array, *, method: str, beam_size: int, max_len: int,
-              cached: bool, attention_layer: int | None) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("model", "method", "beam_size", "max_len", "cached", "extras",
+                                             "attention_layer"))
+def encode_and_decode(model: nn.Module, variables: Any, images: jax.Array, *, method: str, beam_size: int,
+                      max_len: int, cached: bool, extras: tuple[str, ...] = (), attention_layer: int | None = None
+                      ) -> dict[str, jax.Array]:
+  """Encodes images (B, V, H, W, 3) once (``model.encode``, eval mode) and decodes (one jitted program) →
+
+  ``tokens`` (B, max_len) int32 (text = ``tokenizer.decode``), ``scores`` (B,) summed log-probs, ``steps`` ()
+  decoder steps run, the ``extras`` entries of the encoder's outputs (e.g. ``probs`` (B, C), ``vdm`` (B, N)) and,
+  with ``attention_layer``, ``word_attention`` (B, max_len, N') of that decoder layer (see ``word_attention``).
+  ``method``: "beam" | "greedy"; ``cached``: KV cache or full-prefix recompute (identical tokens).
+  """
   enc = model.apply(variables, images, method="encode")
-  step_fn, state = camanet_step_fns(model, variables, enc["memory"], max_len, cached=cached)
+  step_fn, state = encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=cached)
   if method == "beam":
     dec = beam_search(step_fn, state, images.shape[0], beam_size=beam_size, max_len=max_len)
   else:
     dec = greedy(step_fn, state, images.shape[0], max_len=max_len)
-  out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, "probs": enc["probs"], "vdm": enc["vdm"]}
+  out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, **{k: enc[k] for k in extras}}
   if attention_layer is not None:
     out["word_attention"] = word_attention(model, variables, enc["memory"], dec.tokens, attention_layer)
   return out
-
-
-def generate_reports(model: nn.Module, variables: Any, images: jax.Array, *, config: ml_collections.ConfigDict,
-                     with_attention: bool = False) -> dict[str, jax.Array]:
-  """Encodes images (B, V, H, W, 3) once (eval mode) and decodes →
-
-  ``tokens`` (B, T) int32 (T = ``config.data.max_seq_length``; text = ``tokenizer.decode``), ``scores`` (B,)
-  summed log-probs, ``steps`` () decoder steps run, ``probs`` (B, C) classifier sigmoid, ``vdm`` (B, N) visual
-  discriminative map and, ``with_attention``, ``word_attention`` (B, T, N') (see ``word_attention``; layer
-  ``config.model.layer_id``). ``config.decode.method``: "beam" | "greedy"; ``config.decode.cached``: KV cache or
-  full-prefix recompute (identical tokens).
-  """
-  d = config.decode
-  if d.method not in METHODS:
-    raise ValueError(f"config.decode.method={d.method!r}; choose one of {METHODS}.")
-  return _generate(model, variables, images, method=str(d.method), beam_size=int(d.beam_size),
-                   max_len=int(config.data.max_seq_length), cached=bool(d.cached),
-                   attention_layer=int(config.model.layer_id) if with_attention else None)

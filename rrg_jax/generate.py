@@ -3,12 +3,14 @@ r"""Generate a report for one study, with its predicted findings and heatmaps.
     python -m rrg_jax.generate --checkpoint DIR --image frontal.png [--image lateral.png] [--out OUTDIR] \
         [--json] [--words N] [--config.decode.method=greedy]
 
-``DIR``: a training workdir (its best model) or an inference checkpoint. Give exactly
+``DIR``: a training workdir (its best model) or an inference checkpoint of any registered system. Give exactly
 ``config.data.num_views`` images (2 for IU X-Ray models: the two views in dataset order). Images are preprocessed
 with the evaluation transform (squash to ``image_size``, ImageNet normalisation) and decoded as in evaluation
-(``config.decode``). Prints the report and the classifier's findings (probability, predicted when ≥ 0.5) and writes
-``OUTDIR/vdm.png`` (the visual discriminative map over each view) and ``OUTDIR/words.png`` (cross-attention of
-the ``N`` words whose attention best matches the VDM). ``--json`` prints one JSON object instead.
+(``config.decode``). Prints the report and, for systems with a classifier, its findings (probability, predicted
+when ≥ 0.5), and writes ``OUTDIR/words.png`` (the decoder's cross-attention over the views for ``N`` generated
+words: those whose attention best matches the VDM where the system has one, else the most focused ones) and, for
+CAMANet-style systems, ``OUTDIR/vdm.png`` (the visual discriminative map over each view). ``--json`` prints one
+JSON object instead.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
-from rrg_jax import decoding, evaluate, heatmaps
-from rrg_jax.evaluate import UserError
+from rrg_jax import cli, evaluate, heatmaps
+from rrg_jax.cli import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,37 +65,40 @@ def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[st
 
   if args.words < 0:
     raise UserError(f"--words must be >= 0, got {args.words}.")
-  config, model, variables, tokenizer = evaluate.load_checkpoint(args.checkpoint, overrides)
-  d = config.data
+  system, variables, tokenizer = cli.load_checkpoint(args.checkpoint, overrides)
+  d = system.config.data
   views = load_views(args.image, int(d.num_views))
   size = int(d.image_size)
   images = transforms.transform_views(views, None, train=False, augment=d.augment, resize=int(d.resize),
                                       image_size=size)
-  out = jax.device_get(decoding.generate_reports(model, variables, images[None], config=config,
-                                                 with_attention=True))
+  out = jax.device_get(system.generate(variables, {"images": images[None]}, with_attention=True))
   report = tokenizer.decode(out["tokens"][0].tolist())
   words = report.split()
-  names = evaluate.class_names(config)
-  probs = {n: float(p) for n, p in zip(names, out["probs"][0])}
   shown = [v.convert("RGB").resize((size, size)) for v in views]  # what the model saw (squashed)
   out_dir = pathlib.Path(args.out)
-  files = {"vdm": str(heatmaps.save_vdm(shown, out["vdm"][0], out_dir / "vdm.png"))}
-  positions = heatmaps.top_words(words, out["word_attention"][0], out["vdm"][0], args.words)
+  files = {}
+  vdm = out["vdm"][0] if "vdm" in out else None
+  if vdm is not None:
+    files["vdm"] = str(heatmaps.save_vdm(shown, vdm, out_dir / "vdm.png"))
+  positions = heatmaps.top_words(words, out["word_attention"][0], vdm, args.words)
   if positions:
     files["words"] = str(heatmaps.save_word_attention(shown, words, out["word_attention"][0], positions,
                                                       out_dir / "words.png"))
-  return {"report": report, "log_prob": float(out["scores"][0]),
-          "findings": dict(sorted(probs.items(), key=lambda kv: -kv[1])),
-          "predicted_findings": [n for n, p in probs.items() if p >= evaluate.THRESHOLD],
-          "heatmap_words": [words[i] for i in positions], "heatmaps": files}
+  result = {"report": report, "log_prob": float(out["scores"][0])}
+  if "probs" in out:
+    probs = {n: float(p) for n, p in zip(evaluate.class_names(system.config), out["probs"][0])}
+    result["findings"] = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+    result["predicted_findings"] = [n for n, p in probs.items() if p >= evaluate.THRESHOLD]
+  return {**result, "heatmap_words": [words[i] for i in positions], "heatmaps": files}
 
 
 def _print(result: dict[str, Any]) -> None:
   print("Report:")
   print(f"  {result['report'] or '(empty)'}")
-  print("Findings (classifier probability; * = predicted, p >= 0.5):")
-  for name, p in result["findings"].items():
-    print(f"  {'*' if p >= evaluate.THRESHOLD else ' '} {name:32s} {p:.3f}")
+  if "findings" in result:
+    print("Findings (classifier probability; * = predicted, p >= 0.5):")
+    for name, p in result["findings"].items():
+      print(f"  {'*' if p >= evaluate.THRESHOLD else ' '} {name:32s} {p:.3f}")
   print("Heatmaps:")
   for kind, path in result["heatmaps"].items():
     print(f"  {kind}: {path}")
@@ -103,18 +107,17 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  overrides, rest = evaluate.split_config_overrides(list(sys.argv[1:] if argv is None else argv))
+  overrides, rest = cli.split_config_overrides(list(sys.argv[1:] if argv is None else argv))
   args = _parser().parse_args(rest)
-  try:
+
+  def run() -> None:
     result = generate(args, overrides)
-  except UserError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    return 2
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print(result)
-  return 0
+    if args.json:
+      print(json.dumps(result))
+    else:
+      _print(result)
+
+  return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,17 @@ def upsample(grid: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(np.asarray(grid, np.float32)).resize((size, size), PIL.Image.BILINEAR))
 
 
-def top_words(words: Sequence[str], attention: np.ndarray, vdm: np.ndarray, n: int) -> list[int]:
+def top_words(words: Sequence[str], attention: np.ndarray, vdm: np.ndarray | None, n: int) -> list[int]:
   """Positions of the ``n`` generated words whose cross-attention map (L, N) is most similar (cosine) to the
-  VDM (N,), skipping ``.`` and ``<unk>``; in report order."""
+  VDM (N,) — or, without a VDM, whose attention is most focused (highest peak) — skipping ``.`` and ``<unk>``;
+  in report order."""
   attention = np.asarray(attention[:len(words)], np.float64)
-  vdm = np.asarray(vdm, np.float64)
-  denom = np.linalg.norm(attention, axis=1) * max(np.linalg.norm(vdm), 1e-12)
-  sim = attention @ vdm / np.maximum(denom, 1e-12)
+  if vdm is None:
+    sim = attention.max(axis=1) if len(words) else np.zeros((0,))
+  else:
+    vdm = np.asarray(vdm, np.float64)
+    denom = np.linalg.norm(attention, axis=1) * max(np.linalg.norm(vdm), 1e-12)
+    sim = attention @ vdm / np.maximum(denom, 1e-12)
   order = [i for i in np.argsort(-sim, kind="stable") if words[i] not in SKIP_WORDS]
   return sorted(order[:n])
 

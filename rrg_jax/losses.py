@@ -1,9 +1,6 @@
-"""CAMANet losses (spec §7), pure functions on float32."""
+"""Losses shared by the systems, pure functions on float32 (composed by each system's ``System.loss``)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,30 +33,3 @@ def vtac_mse(tdm: jax.Array, vdm: jax.Array, labels: jax.Array) -> jax.Array:
   err = jnp.square(tdm.astype(jnp.float32) - vdm.astype(jnp.float32))
   count = jnp.sum(keep) * tdm.shape[-1]
   return jnp.sum(err * keep[:, None]) / jnp.maximum(count, 1.0)
-
-
-def camanet_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], *, cls_w: float, mse_w: float,
-                 use_vtac: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``L = CE + cls_w · BCE + mse_w · MSE`` (MSE only when ``use_vtac``; reported as 0 otherwise).
-
-  Args:
-    outputs: model outputs with ``logprobs`` (B, T−1, K), ``logits`` (B, C), ``vdm``/``tdm`` (B, N).
-    batch: ``targets`` (B, T) int, ``masks`` (B, T), ``labels`` (B, C).
-
-  Returns:
-    (total, {"ce", "bce", "mse", "loss"}) scalars.
-  """
-  ce = cross_entropy(outputs["logprobs"], batch["targets"], batch["masks"])
-  bce = bce_with_logits(outputs["logits"], batch["labels"])
-  mse = vtac_mse(outputs["tdm"], outputs["vdm"], batch["labels"]) if use_vtac else jnp.zeros((), jnp.float32)
-  total = ce + cls_w * bce + mse_w * mse
-  return total, {"ce": ce, "bce": bce, "mse": mse, "loss": total}
-
-
-def make_loss_fn(config) -> Callable[[Mapping[str, jax.Array], Mapping[str, Any]], tuple[jax.Array, dict]]:
-  """``loss_fn(outputs, batch) → (total, parts)``: ``camanet_loss`` with ``config.loss.cls_w``/``mse_w`` and
-  ``config.model.use_vtac`` (the ``loss_fn`` of ``train_state.make_train_step``)."""
-  def loss_fn(outputs, batch):
-    return camanet_loss(outputs, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
-                        use_vtac=config.model.use_vtac)
-  return loss_fn

@@ -1,19 +1,32 @@
-"""Optimiser of the official CAMANet trainer (reference spec §8), as optax transformations.
+"""The optimiser of the R2Gen-family trainers (camanet_spec §8; R2Gen's trainer), as optax transformations, for
+any system: parameter groups, learning rates, schedules and frozen epochs are configuration (``config.optim``).
 
-Per parameter group (visual extractor incl. its head at ``lr_ve``; everything else at ``lr_ed``) the update is
+``config.optim.param_groups`` maps a group name to parameter-path prefixes (``"visual_extractor"``; ``""``
+matches everything): a parameter belongs to the group with the longest matching prefix. Group ``g`` trains at
+``config.optim.lr_<g>`` with the schedule ``config.optim.schedule``:
 
-  element-wise gradient value clipping to ±clip_value   (torch.nn.utils.clip_grad_value_)
+* ``"timm_step"`` (CAMANet): timm's per-iteration ``StepLRScheduler`` with linear warm-up and the trainer's
+  one-step lag (``lagged_schedule``);
+* ``"step_lr"`` (R2Gen): torch ``StepLR`` stepped after every epoch, ``lr · decay_rate^floor(epoch /
+  decay_epochs)`` (no lag, no warm-up).
+
+Per group the update is
+
+  element-wise gradient value clipping to ±clip_value   (torch.nn.utils.clip_grad_value_; 0 = off)
   → coupled L2: g ← g + wd·θ                              (torch.optim.Adam weight_decay)
   → Adam with *torch* AMSGrad (max over the raw second moment, torch bias corrections)
-  → −lr(step) from the timm StepLR schedule with warm-up and the trainer's one-step lag.
+  → −lr(step).
 
-Parameters that never receive a gradient in PyTorch (the unused FBL ``back_norm``) are frozen: no decay, no
-update. ``optax.amsgrad`` is *not* used: it takes the maximum of the bias-corrected second moment, which
-gives different updates.
+``config.optim.frozen`` lists path substrings of parameters that torch never updates (the unused FBL
+``back_norm``): no decay, no update. ``config.optim.frozen_epochs`` (group → epochs, staged training) gives a
+group no update and leaves its optimiser state untouched for its first epochs, so it starts Adam afresh when it
+is unfrozen, as torch does for parameters that get their first gradient. ``optax.amsgrad`` is *not* used: it takes
+the maximum of the bias-corrected second moment, which gives different updates.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -22,9 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-VE_GROUP = "visual_extractor"
-ED_GROUP = "encoder_decoder"
 FROZEN_GROUP = "frozen"
+SCHEDULES = ("timm_step", "step_lr")
 
 
 # --- learning-rate schedule --------------------------------------------------------------------------------
@@ -58,16 +70,39 @@ def lagged_schedule(base_lr: float, *, warmup_lr: float, warmup_steps: int, deca
   return schedule
 
 
+def param_groups(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  """``config.optim.param_groups`` as group name → path prefixes; each group needs ``config.optim.lr_<name>``."""
+  groups = {str(g): tuple(str(p) for p in prefixes) for g, prefixes in config.optim.param_groups.items()}
+  if not groups:
+    raise ValueError("config.optim.param_groups is empty: name at least one group (prefix '' = every parameter).")
+  for g in groups:
+    if g == FROZEN_GROUP or f"lr_{g}" not in config.optim:
+      raise ValueError(f"config.optim.param_groups has group {g!r} but config.optim has no lr_{g}"
+                       + (f" ({FROZEN_GROUP!r} is reserved)" if g == FROZEN_GROUP else "") + ".")
+  return groups
+
+
 def learning_rate_schedules(config: ml_collections.ConfigDict,
                             steps_per_epoch: int) -> dict[str, optax.Schedule]:
-  """Per-group schedules ``{VE_GROUP: ..., ED_GROUP: ...}`` from ``config.optim`` (epochs → steps)."""
+  """Per-group schedules ``{group: schedule(step)}`` from ``config.optim`` (epochs → steps)."""
   o = config.optim
   if steps_per_epoch <= 0:
     raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
-  common = dict(warmup_lr=float(o.warmup_lr), warmup_steps=int(o.warmup_epochs) * steps_per_epoch,
-                decay_steps=max(int(o.decay_epochs) * steps_per_epoch, 1), decay_rate=float(o.decay_rate))
-  return {VE_GROUP: lagged_schedule(float(o.lr_ve), **common),
-          ED_GROUP: lagged_schedule(float(o.lr_ed), **common)}
+  kind = o.get("schedule", "timm_step")
+  if kind not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={kind!r}; choose one of {SCHEDULES}.")
+  decay_steps = max(int(o.decay_epochs) * steps_per_epoch, 1)
+  schedules = {}
+  for g in param_groups(config):
+    base = float(o[f"lr_{g}"])
+    if kind == "timm_step":
+      schedules[g] = lagged_schedule(base, warmup_lr=float(o.warmup_lr),
+                                     warmup_steps=int(o.warmup_epochs) * steps_per_epoch, decay_steps=decay_steps,
+                                     decay_rate=float(o.decay_rate))
+    else:
+      schedules[g] = functools.partial(timm_step_lr, base_lr=base, warmup_lr=base, warmup_steps=0,
+                                       decay_steps=decay_steps, decay_rate=float(o.decay_rate))
+  return schedules
 
 
 # --- torch-semantics Adam / AMSGrad ------------------------------------------------------------------------
@@ -110,15 +145,40 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class FrozenUntilState(NamedTuple):
+  count: jax.Array
+  inner: optax.OptState
+
+
+def frozen_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+  """``inner`` from optimizer step ``steps`` on; before it zero updates and ``inner``'s state left as it was."""
+  if steps <= 0:
+    return inner
+
+  def init_fn(params):
+    return FrozenUntilState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    active = state.count >= steps
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+    inner_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_inner, state.inner)
+    return updates, FrozenUntilState(count=optax.safe_int32_increment(state.count), inner=inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def torch_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float,
-               weight_decay: float, amsgrad: bool, clip_value: float) -> optax.GradientTransformation:
-  """One parameter group: clip_grad_value_ → coupled L2 → torch Adam/AMSGrad → −lr."""
-  return optax.chain(
-      optax.clip(clip_value),
+               weight_decay: float, amsgrad: bool, clip_value: float, frozen_steps: int = 0
+               ) -> optax.GradientTransformation:
+  """One parameter group: clip_grad_value_ (``clip_value`` > 0) → coupled L2 → torch Adam/AMSGrad (all frozen
+  for the first ``frozen_steps`` steps) → −lr (the schedule counts every step, frozen ones included)."""
+  direction = optax.chain(
+      *([optax.clip(clip_value)] if clip_value > 0 else []),
       optax.add_decayed_weights(weight_decay),
       scale_by_torch_adam(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad),
-      optax.scale_by_learning_rate(learning_rate),
   )
+  return optax.chain(frozen_until(direction, frozen_steps), optax.scale_by_learning_rate(learning_rate))
 
 
 # --- parameter groups ----------------------------------------------------------------------------------
@@ -127,26 +187,41 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_labels(params: Any, frozen: tuple[str, ...] | list[str] = ()) -> Any:
-  """Group label per leaf: ``VE_GROUP`` under ``params['visual_extractor']``, ``FROZEN_GROUP`` when the
-  '/'-joined path contains one of the ``frozen`` substrings, else ``ED_GROUP``."""
+def _matches(path: str, prefix: str) -> bool:
+  return prefix == "" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def param_labels(params: Any, groups: dict[str, tuple[str, ...]], frozen: tuple[str, ...] | list[str] = ()) -> Any:
+  """Group label per leaf: ``FROZEN_GROUP`` when the '/'-joined path contains one of the ``frozen`` substrings,
+  else the group of ``groups`` (name → path prefixes) with the longest matching prefix. A parameter that no
+  group matches is an error naming it."""
   def label(path, _):
     s = _path_str(path)
     if any(f in s for f in frozen):
       return FROZEN_GROUP
-    return VE_GROUP if s.split("/")[0] == "visual_extractor" else ED_GROUP
+    best = max(((len(p), g) for g, prefixes in groups.items() for p in prefixes if _matches(s, p)), default=None)
+    if best is None:
+      raise ValueError(f"Parameter {s} is in no group of config.optim.param_groups {groups}; add a group with "
+                       "prefix '' for the rest.")
+    return best[1]
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The full CAMANet optimiser for a ``params`` tree (the Flax ``'params'`` collection)."""
+  """The optimiser of ``config.optim`` for a ``params`` tree (the Flax ``'params'`` collection)."""
   o = config.optim
   schedules = learning_rate_schedules(config, steps_per_epoch)
-  group = lambda lr: torch_adam(  # noqa: E731
-      lr, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
-      amsgrad=bool(o.amsgrad), clip_value=float(o.clip_value))
+  groups = param_groups(config)
+  frozen_epochs = dict(o.get("frozen_epochs", {}) or {})
+  unknown = sorted(set(frozen_epochs) - set(groups))
+  if unknown:
+    raise ValueError(f"config.optim.frozen_epochs names {unknown}, not groups of config.optim.param_groups "
+                     f"({sorted(groups)}).")
+  transforms = {g: torch_adam(schedules[g], b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+                              weight_decay=float(o.weight_decay), amsgrad=bool(o.amsgrad),
+                              clip_value=float(o.clip_value),
+                              frozen_steps=int(frozen_epochs.get(g, 0)) * steps_per_epoch)
+                for g in groups}
   frozen = tuple(o.frozen)
-  return optax.multi_transform(
-      {VE_GROUP: group(schedules[VE_GROUP]), ED_GROUP: group(schedules[ED_GROUP]),
-       FROZEN_GROUP: optax.set_to_zero()},
-      lambda params: param_labels(params, frozen))
+  return optax.multi_transform({**transforms, FROZEN_GROUP: optax.set_to_zero()},
+                               lambda params: param_labels(params, groups, frozen))

@@ -15,8 +15,10 @@ The config is locked: overriding a key that does not exist is an error. The work
     curves.png                loss parts per step and val/test BLEU per epoch (``rrg_jax.curves``)
     reports/<split>_epochNNN.jsonl  each epoch's generated reports (id, reference, generated, findings)
 
-Re-running the same command resumes from the latest checkpoint with the exact next batch. Model selection,
-early stopping and the optimiser follow the official trainer (reference spec §8).
+Re-running the same command resumes from the latest checkpoint with the exact next batch. Any registered system
+(``config.model.name``; ``python -m rrg_jax.models`` lists them) trains through the same loop: the system gives the
+model, batch fields, loss and decoder (``rrg_jax.models.system``); the config gives the optimiser groups and
+schedule, staged initialisation (``train.init_from``), the evaluators and the model-selection score.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rrg_jax import checkpointing, curves, optim, sharding
+from rrg_jax import checkpointing, cli, curves, optim, sharding
 from rrg_jax import train_state as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/camanet.py:iu_xray.",
@@ -59,11 +61,16 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
   return str(pathlib.Path("checkpoints") / f"{config.model.name}_{config.get('preset', 'custom')}")
 
 
-# --- model selection and early stopping (spec §8) -----------------------------------------------------------
+# --- model selection and early stopping ----------------------------------------------------------------------
 
-def selection_score(val_scores: Mapping[str, float]) -> float:
-  """The official trainer's hard-coded criterion: ``val BLEU_4 + 0.5 · val BLEU_1``."""
-  return float(val_scores["BLEU_4"]) + 0.5 * float(val_scores["BLEU_1"])
+def selection_score(row: Mapping[str, float], weights: Mapping[str, float]) -> float:
+  """``Σ weight · row[key]`` over ``config.train.selection`` (CAMANet: ``val_BLEU_4 + 0.5 · val_BLEU_1``, R2Gen:
+  ``val_BLEU_4``)."""
+  missing = [k for k in weights if k not in row]
+  if missing:
+    raise ValueError(f"config.train.selection uses {missing}, which the epoch's scores do not have (they have "
+                     f"{sorted(k for k in row if k.startswith(('val_', 'test_')))}).")
+  return float(sum(float(w) * float(row[k]) for k, w in weights.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +79,10 @@ class Selection:
   best_score: float | None = None
   bad_epochs: int = 0
 
-  def update(self, score: float, early_stop: int) -> tuple[Selection, bool, bool]:
-    """Returns ``(new selection, improved, stop)``: improved iff strictly greater; stop once the
-    non-improvement counter exceeds ``early_stop`` (i.e. after the (early_stop+1)-th in a row)."""
-    if self.best_score is None or score > self.best_score:
+  def update(self, score: float, early_stop: int, ties_improve: bool = False) -> tuple[Selection, bool, bool]:
+    """Returns ``(new selection, improved, stop)``: improved iff greater (or equal, with ``ties_improve``: R2Gen's
+    ``>=``); stop once the non-improvement counter exceeds ``early_stop`` (after the (early_stop+1)-th in a row)."""
+    if self.best_score is None or score > self.best_score or (ties_improve and score == self.best_score):
       return Selection(score, 0), True, False
     bad = self.bad_epochs + 1
     return Selection(self.best_score, bad), False, bad > early_stop
@@ -166,20 +173,8 @@ def _load_or_build_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib
   return tokenizer
 
 
-def _load_pretrained_backbone(variables: dict[str, Any], path: str) -> dict[str, Any]:
-  """``variables`` with ``visual_extractor/model`` replaced by torchvision ImageNet DenseNet weights."""
-  from rrg_jax import convert  # pylint: disable=g-import-not-at-top
-
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"config.model.pretrained_backbone={path!r} does not exist.")
-  return convert.load_torchvision_densenet(path, jax.device_get(variables))
-
-
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-_LR_GROUPS = (("ve", optim.VE_GROUP), ("ed", optim.ED_GROUP))
 
 
 class _Throughput:
@@ -200,10 +195,11 @@ class _Throughput:
     return self._steps * self.global_batch / max(time.perf_counter() - self._t0, 1e-9)
 
 
-def _select(progress: Progress, row: dict[str, Any], early_stop: int) -> tuple[Progress, bool]:
-  """Applies model selection / early stopping to the epoch's val scores; adds the outcome to ``row``."""
-  score = selection_score({"BLEU_4": row["val_BLEU_4"], "BLEU_1": row["val_BLEU_1"]})
-  selection, improved, stop = progress.selection.update(score, early_stop)
+def _select(progress: Progress, row: dict[str, Any], t: ml_collections.ConfigDict) -> tuple[Progress, bool]:
+  """Applies model selection / early stopping (``config.train``) to the epoch's scores; adds the outcome to
+  ``row``."""
+  score = selection_score(row, dict(t.selection))
+  selection, improved, stop = progress.selection.update(score, int(t.early_stop), bool(t.selection_ties_improve))
   progress = dataclasses.replace(progress, best_score=selection.best_score, bad_epochs=selection.bad_epochs,
                                  early_stopped=stop,
                                  best_epoch=progress.epoch if improved else progress.best_epoch)
@@ -217,7 +213,7 @@ def _select(progress: Progress, row: dict[str, Any], early_stop: int) -> tuple[P
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
   """Trains (or resumes) in ``workdir``; returns the final loop progress. See the module docstring."""
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
-  from rrg_jax import evaluate, losses, models  # pylint: disable=g-import-not-at-top
+  from rrg_jax import evaluate, evaluators, models  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if main:
     checkpointing.write_config(workdir, config)
 
+  system = models.get_system(config)
+  evaluators.check(tuple(config.eval.evaluators))
   mesh = sharding.create_mesh(config.mesh_shape)
   sharding.check_batch_size(config.train.batch_size, mesh)
   train_ds = loader.train_dataset(config, tokenizer, seed=config.seed)
@@ -235,20 +233,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx = optim.make_optimizer(config, steps_per_epoch)
   lr_schedules = optim.learning_rate_schedules(config, steps_per_epoch)
 
-  model = models.get_model(config.model)
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
   repl = sharding.replicated(mesh)
-  variables = jax.jit(lambda k: ts.init_variables(model, config, k), out_shardings=repl)(init_key)
-  if config.model.pretrained_backbone:
-    variables = jax.device_put(_load_pretrained_backbone(variables, config.model.pretrained_backbone), repl)
+  ckpt = checkpointing.TrainCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  variables = jax.jit(system.init, out_shardings=repl)(init_key)
+  if latest is None:  # a fresh run: pretrained backbone, then staged initialisation (a resumed run restores)
+    variables = jax.device_get(variables)
+    variables = system.load_pretrained(variables)
+    if config.train.init_from.checkpoint:
+      variables = checkpointing.init_from(variables, config.train.init_from.checkpoint,
+                                          tuple(config.train.init_from.take))
+    variables = jax.device_put(variables, repl)
   state = jax.jit(lambda v, k: ts.create_train_state(v, tx, k), out_shardings=repl)(variables, dropout_key)
   del variables
-  train_step = ts.jit_train_step(ts.make_train_step(model, tx, losses.make_loss_fn(config)), state, mesh)
+  train_step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
 
-  ckpt = checkpointing.TrainCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   data_iter = iter(train_ds)
   progress = Progress()
-  latest = ckpt.latest_step()
   if latest is not None:
     progress = Progress(**ckpt.restore_meta(latest))
     state = ckpt.restore(latest, _abstract(state), data_iter)
@@ -269,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
         sums, n = {}, 0
         while progress.batches_done < steps_per_epoch:
-          state, m = train_step(state, loader.to_global_batch(ts.train_inputs(next(data_iter)), mesh))
+          state, m = train_step(state, loader.to_global_batch(system.device_batch(next(data_iter)), mesh))
           m = jax.device_get(m)
           step = int(state.step)
           if not bool(m.pop("finite")):
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           progress.batches_done += 1
           parts = {k: float(v) for k, v in m.items()}
           sums, n = {k: sums.get(k, 0.0) + v for k, v in parts.items()}, n + 1
-          lrs = {f"lr_{g}": float(lr_schedules[name](step - 1)) for g, name in _LR_GROUPS}
+          lrs = {f"lr_{g}": float(schedule(step - 1)) for g, schedule in lr_schedules.items()}
           rate = speed.tick()
           bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()},
                            **{k: f"{v:.1e}" for k, v in lrs.items()}, "ex/s": f"{rate:.1f}"}, refresh=False)
@@ -301,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
         for split in config.train.eval_splits:
-          scores, reports = evaluate.evaluate_split(model, state.variables(), config, tokenizer,
+          scores, reports = evaluate.evaluate_split(system, state.variables(), tokenizer,
                                                     loader.eval_batches(config, tokenizer, split), mesh=mesh,
                                                     progress=main)
           row.update({f"{split}_{k}": float(v) for k, v in scores.items()})
@@ -309,8 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
                                    evaluate.class_names(config))
         progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0)
-        if "val_BLEU_4" in row:
-          progress, improved = _select(progress, row, config.train.early_stop)
+        if any(k.startswith("val_") for k in row):
+          progress, improved = _select(progress, row, config.train)
           if improved:
             checkpointing.save_inference(workdir / checkpointing.BEST_DIR, config, state.variables(), tokenizer)
         metrics.write(int(state.step), row, "epoch")
@@ -361,7 +363,9 @@ def main(argv: list[str]) -> None:
     progress = train_and_evaluate(_CONFIG.value, workdir)
   except NonFiniteLossError as e:
     logging.error("%s", e)
-    raise SystemExit(f"ERROR: {e}") from None
+    raise SystemExit(cli.error_line(e)) from None
+  except cli.user_errors() as e:  # bad data, config or checkpoint: one line, no traceback
+    raise SystemExit(cli.error_line(e)) from None
   if not progress.done(_CONFIG.value):  # stopped by SIGTERM after checkpointing
     raise SystemExit(128 + signal.SIGTERM)
 

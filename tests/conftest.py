@@ -42,6 +42,33 @@ def tiny_config(preset: str = "", num_views: int = 1, vocab_size: int = 40, num_
   return c
 
 
+def tiny_r2gen_config(preset: str = "", num_views: int = 1, vocab_size: int = 40):
+  """An R2Gen config small enough for CPU unit tests: 64x64 images, ResNet-18 of widths 8..64, 1 layer, width 32."""
+  from configs import r2gen
+
+  c = r2gen.get_config(preset)
+  c.data.image_size = 64
+  c.data.resize = 72
+  c.data.num_views = num_views
+  m = c.model
+  m.backbone = "resnet18"
+  m.resnet_widths = (8, 16, 32, 64)
+  m.vocab_size = vocab_size
+  m.d_model = 32
+  m.d_ff = 32
+  m.num_heads = 4
+  m.num_layers = 1
+  m.rm_num_slots = 3
+  m.rm_num_heads = 4
+  m.rm_d_model = 32
+  c.train.batch_size = 4
+  return c
+
+
+# Every registered system's tiny config: the system-generic tests (train loop, resume, devices) run on each.
+TINY_CONFIGS = {"camanet": lambda: tiny_config(num_classes=15), "r2gen": tiny_r2gen_config}
+
+
 @pytest.fixture
 def shared_dir() -> pathlib.Path:
   if not SHARED.is_dir():

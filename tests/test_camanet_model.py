@@ -264,8 +264,11 @@ def test_vtac_anchor_and_vdmae_switches(tiny):
 def test_registry_errors():
   config = tiny_config()
   config.model.name = "nope"
-  with pytest.raises(ValueError, match="not a registered model"):
+  with pytest.raises(models.UnknownSystemError, match="'nope' is not a registered system; known: \\['camanet', "
+                                                     "'r2gen'\\]"):
     models.get_model(config.model)
+  with pytest.raises(models.UnknownSystemError):
+    models.get_system(config)
 
 
 def test_bfloat16_forward_close_to_float32(tiny):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from rrg_jax import convert
+from rrg_jax import convert, models
 from torch_reference import camanet as ref
 
 
@@ -294,7 +294,7 @@ def test_cli_writes_inference_checkpoint(tmp_path):
   np.testing.assert_array_equal(
       np.asarray(variables["batch_stats"]["visual_extractor"]["model"]["denseblock4"]["denselayer1"]["norm1"][
           "var"]), model.visual_extractor.model.denseblock4.denselayer1.norm1.running_var.numpy())
-  expected = convert.expected_variables(config.model, 1, 64, 60)
+  expected = models.get_system(config).abstract_variables()
   assert jax.tree.structure(expected) == jax.tree.structure(variables)
   assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(lambda x: np.shape(x), variables)
 
@@ -306,9 +306,10 @@ def test_vocab_size_mismatch_is_refused(tmp_path):
 
 
 def test_flax_backbone_matches_spec_shapes():
-  c = tiny_config().model
+  config = tiny_config()
+  c = config.model
   want = _densenet_shapes(c.growth_rate, c.block_config, c.num_init_features, c.bn_size)
-  got = convert.expected_variables(c, 1, 64, 60)
+  got = models.get_system(config).abstract_variables()
   for col in ("params", "batch_stats"):
     assert jax.tree.map(lambda x: x.shape, got[col]["visual_extractor"]["model"]) == jax.tree.map(
         lambda x: x.shape, want[col]["visual_extractor"]["model"])

@@ -183,7 +183,7 @@ def test_camanet_cached_equals_full_prefix(tiny_camanet, beam_size):
   config, model, variables, _, memory = tiny_camanet
   outs = []
   for cached in (True, False):
-    step_fn, state = decoding.camanet_step_fns(model, variables, memory, 12, cached=cached)
+    step_fn, state = decoding.encoder_decoder_step_fns(model, variables, memory, 12, cached=cached)
     outs.append(jax.device_get(jax.jit(functools.partial(
         decoding.beam_search, step_fn, batch_size=6, beam_size=beam_size, max_len=12))(state)))
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
@@ -198,7 +198,7 @@ def test_camanet_beam_equals_reference_over_decode_full(tiny_camanet):
   zero padded to T: the decoder is causal; all images and beams in one call per step)."""
   config, model, variables, _, memory = tiny_camanet
   t, nb, beam = 12, memory.shape[0], 3
-  step_fn, state = decoding.camanet_step_fns(model, variables, memory, t, cached=True)
+  step_fn, state = decoding.encoder_decoder_step_fns(model, variables, memory, t, cached=True)
   got = np.asarray(decoding.beam_search(step_fn, state, nb, beam_size=beam, max_len=t).tokens)
   decode = jax.jit(lambda mem, seq: model.apply(variables, mem, seq, method="decode_full")[0])
 
@@ -230,11 +230,13 @@ def test_camanet_beam_equals_reference_over_decode_full(tiny_camanet):
     assert not got[b, len(best):].any()
 
 
-def test_generate_reports_outputs(tiny_camanet):
+def test_system_generate_outputs(tiny_camanet):
   config, model, variables, images, _ = tiny_camanet
-  out = jax.device_get(decoding.generate_reports(model, variables, images, config=config, with_attention=True))
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  out = jax.device_get(models.get_system(config).generate(variables, {"images": images}, with_attention=True))
   enc = model.apply(variables, images, method="encode")
-  step_fn, state = decoding.camanet_step_fns(model, variables, enc["memory"], 12, cached=False)
+  step_fn, state = decoding.encoder_decoder_step_fns(model, variables, enc["memory"], 12, cached=False)
   want = decoding.beam_search(step_fn, state, 2, beam_size=3, max_len=12)
   np.testing.assert_array_equal(out["tokens"], np.asarray(want.tokens))
   assert out["tokens"].shape == (2, 12) and out["tokens"].dtype == np.int32

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_config
 from input_pipeline import loader
 from rrg_jax import checkpointing, evaluate, models
+from rrg_jax.metrics import clinical, text
 
 SAMPLE_IMAGES = pathlib.Path(loader.records.resolve_data_dir("")) / "images"
 
@@ -81,10 +82,12 @@ def test_evaluate_cli_user_errors(tmp_path, capsys, checkpoint):
 @pytest.mark.slow
 def test_evaluate_split_scores_every_valid_record_once(checkpoint):
   """Hand-made batches: padding rows are skipped, references are decode(targets[:, 1:]), and the scores equal
-  score_reports on the collected texts; CheXpert (14-class) configs add CE_* and CLS_*."""
+  the configured evaluators on the collected texts (CE_* from the labeler, CLS_* from probs vs labels)."""
   config, variables, tokenizer = checkpointing.load_inference(checkpoint)
   config.model.num_classes = 14
-  model = models.get_model(config.model)
+  config.eval.evaluators = ("report_text", "clinical_efficacy", "multilabel_classification")
+  system = models.get_system(config)
+  model = system.module
   s = config.data.image_size
   variables = jax.jit(functools.partial(model.init, train=False))(
       {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
@@ -100,13 +103,16 @@ def test_evaluate_split_scores_every_valid_record_once(checkpoint):
     batches.append({"images": rng.normal(size=(4, 1, s, s, 3)).astype(np.float32), "targets": targets,
                     "masks": (targets > 0).astype(np.float32), "labels": np.eye(4, 14, dtype=np.float32),
                     "valid": np.array([True, True, True, b == 0]), "ids": [f"r{b}{i}" for i in range(4)]})
-  scores, reports = evaluate.evaluate_split(model, variables, config, tokenizer, batches, progress=False)
+  scores, reports = evaluate.evaluate_split(system, variables, tokenizer, batches, progress=False)
   assert [r["id"] for r in reports] == ["r00", "r01", "r02", "r03", "r10", "r11", "r12"]
   assert [r["reference"] for r in reports] == [tokenizer.decode(tokenizer.encode(t)[1:]) for t in
                                                texts + texts[1:]]
-  want = evaluate.score_reports([r["reference"] for r in reports], [r["generated"] for r in reports],
-                                probs=np.asarray([r["probabilities"] for r in reports]),
-                                labels=np.concatenate([np.eye(4, 14)[:4], np.eye(4, 14)[:3]]), chexpert=True)
+  refs, gens = [r["reference"] for r in reports], [r["generated"] for r in reports]
+  probs = np.asarray([r["probabilities"] for r in reports])
+  want = text.compute_scores(dict(enumerate(refs)), dict(enumerate(gens)))
+  want.update(clinical.clinical_efficacy(gens, refs))
+  cls = clinical.precision_recall_f1(probs >= 0.5, np.concatenate([np.eye(4, 14)[:4], np.eye(4, 14)[:3]]) >= 0.5)
+  want.update({k.replace("CE_", "CLS_"): v for k, v in cls.items()})
   assert scores == pytest.approx(want)
   assert {"CE_F1_micro", "CE_F1_macro", "CLS_F1_micro", "CLS_precision_macro"} <= set(scores)
 

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from configs import camanet as camanet_config
-from rrg_jax import losses
+from rrg_jax import losses, models
+from rrg_jax.models import camanet
 
 
 def test_cross_entropy_token_mean_over_batch():
@@ -51,7 +52,7 @@ def test_camanet_loss_total_and_parts():
          "vdm": jnp.asarray(rng.random((2, 6)).astype(np.float32))}
   batch = {"targets": jnp.array([[0, 1, 2, 0], [0, 3, 0, 0]]), "masks": jnp.array([[1.0, 1, 1, 1], [1, 1, 1, 0]]),
            "labels": jnp.array([[1.0, 0, 0, 0], [0, 0, 1, 1]])}
-  total, parts = losses.camanet_loss(out, batch, cls_w=1.0, mse_w=0.15, use_vtac=True)
+  total, parts = camanet.camanet_loss(out, batch, cls_w=1.0, mse_w=0.15, use_vtac=True)
   ce = losses.cross_entropy(out["logprobs"], batch["targets"], batch["masks"])
   bce = losses.bce_with_logits(out["logits"], batch["labels"])
   mse = jnp.mean((out["tdm"] - out["vdm"]) ** 2)
@@ -59,13 +60,13 @@ def test_camanet_loss_total_and_parts():
   np.testing.assert_allclose(float(total), float(ce + bce + 0.15 * mse), rtol=1e-6)
   assert parts["loss"] is total
   no_vtac = {k: v for k, v in out.items() if k != "tdm"}
-  total, parts = losses.camanet_loss(no_vtac, batch, cls_w=0.5, mse_w=0.15, use_vtac=False)
+  total, parts = camanet.camanet_loss(no_vtac, batch, cls_w=0.5, mse_w=0.15, use_vtac=False)
   assert float(parts["mse"]) == 0.0
   np.testing.assert_allclose(float(total), float(ce + 0.5 * bce), rtol=1e-6)
-  # make_loss_fn reads the weights and the VTAC switch from a config (the "mimic_cxr" preset: cls_w 1, mse_w 0.5).
+  # The system's loss reads the weights and the VTAC switch from its config ("mimic_cxr": cls_w 1, mse_w 0.5).
   config = camanet_config.get_config("mimic_cxr")
-  total, _ = losses.make_loss_fn(config)(out, batch)
+  total, _ = models.get_system(config).loss(out, batch)
   np.testing.assert_allclose(float(total), float(ce + bce + 0.5 * mse), rtol=1e-6)
   config.model.use_vtac = False
-  total, parts = losses.make_loss_fn(config)(no_vtac, batch)
+  total, parts = models.get_system(config).loss(no_vtac, batch)
   assert float(parts["mse"]) == 0.0 and abs(float(total) - float(ce + bce)) < 1e-5

@@ -121,8 +121,8 @@ def test_optax_amsgrad_semantics_differ_from_torch():
   ours = _jax_run(params, grads, optim.make_optimizer(config, SPE))
   wrong_tx = optax.multi_transform(
       {g: optax.chain(optax.clip(0.1), optax.add_decayed_weights(5e-5), optax.amsgrad(lr))
-       for g, lr in ((optim.VE_GROUP, 1e-3), (optim.ED_GROUP, 2e-3))},
-      lambda p: optim.param_labels(p))
+       for g, lr in (("ve", 1e-3), ("ed", 2e-3))},
+      lambda p: optim.param_labels(p, optim.param_groups(config)))
   wrong = _jax_run(params, grads, wrong_tx)
   worst = max(np.abs(wrong[k] - want[k]).max() / (np.abs(want[k]).max()) for k in want)
   assert worst > 1e-4
@@ -136,7 +136,7 @@ def test_schedule_matches_spec_formula_with_lag(warmup_epochs, decay_epochs):
   scheds = optim.learning_rate_schedules(config, SPE)
   warmup_t, decay_t = warmup_epochs * SPE, decay_epochs * SPE
   for s in range(0, 60):
-    for name, base in ((optim.VE_GROUP, 1e-3), (optim.ED_GROUP, 2e-3)):
+    for name, base in (("ve", 1e-3), ("ed", 2e-3)):
       assert math.isclose(float(scheds[name](s)), _hand_lr(base, s, warmup_t, decay_t), rel_tol=1e-6), (s, name)
 
 
@@ -144,7 +144,7 @@ def test_schedule_known_values():
   """MIMIC recipe: both groups start at warmup_lr, steps 0 and 1 equal, constant after warm-up + 1 step."""
   c = tiny_config("mimic_cxr")
   s = optim.learning_rate_schedules(c, 10)
-  ve, ed = s[optim.VE_GROUP], s[optim.ED_GROUP]
+  ve, ed = s["ve"], s["ed"]
   assert float(ve(0)) == pytest.approx(5e-6) and float(ed(0)) == pytest.approx(5e-6)
   assert float(ve(1)) == pytest.approx(5e-6) and float(ed(1)) == pytest.approx(5e-6)
   assert float(ed(2)) == pytest.approx(5e-6 + (1e-4 - 5e-6) / 30)
@@ -152,18 +152,90 @@ def test_schedule_known_values():
   assert float(ve(31)) == pytest.approx(5e-5) and float(ed(31)) == pytest.approx(1e-4)
   assert float(ed(299)) == pytest.approx(1e-4)
   iu = optim.learning_rate_schedules(tiny_config("iu_xray"), 64)  # constant 1e-3 / 2e-3 for 30 epochs
-  assert [float(iu[optim.ED_GROUP](t)) for t in (0, 1, 1919)] == pytest.approx([2e-3] * 3)
-  assert float(iu[optim.VE_GROUP](3201)) == pytest.approx(0.8e-3)  # decay at lr(3200), used one step later
-  assert float(iu[optim.VE_GROUP](3200)) == pytest.approx(1e-3)
+  assert [float(iu["ed"](t)) for t in (0, 1, 1919)] == pytest.approx([2e-3] * 3)
+  assert float(iu["ve"](3201)) == pytest.approx(0.8e-3)  # decay at lr(3200), used one step later
+  assert float(iu["ve"](3200)) == pytest.approx(1e-3)
 
 
 def test_param_labels():
-  labels = optim.param_labels(_params(np.random.default_rng(0)), ("fore_back_learn/back_norm",))
-  assert labels["visual_extractor"]["head"]["bias"] == optim.VE_GROUP
-  assert labels["visual_extractor"]["model"]["conv0"]["kernel"] == optim.VE_GROUP
-  assert labels["fore_back_learn"]["fore_norm"]["gamma"] == optim.ED_GROUP
+  groups = optim.param_groups(tiny_config())
+  assert groups == {"ve": ("visual_extractor",), "ed": ("",)}
+  labels = optim.param_labels(_params(np.random.default_rng(0)), groups, ("fore_back_learn/back_norm",))
+  assert labels["visual_extractor"]["head"]["bias"] == "ve"
+  assert labels["visual_extractor"]["model"]["conv0"]["kernel"] == "ve"
+  assert labels["fore_back_learn"]["fore_norm"]["gamma"] == "ed"
   assert labels["fore_back_learn"]["back_norm"]["beta"] == optim.FROZEN_GROUP
-  assert labels["encoder_decoder"]["logit"]["kernel"] == optim.ED_GROUP
+  assert labels["encoder_decoder"]["logit"]["kernel"] == "ed"
+  # Longest prefix wins; a prefix matches whole path components only; an unmatched parameter is an error.
+  labels = optim.param_labels(_params(np.random.default_rng(0)), {"a": ("visual_extractor",),
+                                                                  "b": ("visual_extractor/head",), "c": ("",),
+                                                                  "d": ("enc",)})
+  assert labels["visual_extractor"]["head"]["bias"] == "b" and labels["visual_extractor"]["model"]["conv0"][
+      "kernel"] == "a"
+  assert labels["encoder_decoder"]["logit"]["kernel"] == "c"  # "enc" is no whole path component
+  with pytest.raises(ValueError, match="encoder_decoder/logit/bias is in no group"):
+    optim.param_labels(_params(np.random.default_rng(0)), {"a": ("visual_extractor",), "c": ("enc",)})
+
+
+def test_param_groups_need_a_learning_rate():
+  c = tiny_config()
+  c.optim.param_groups.rest = ("x",)
+  with pytest.raises(ValueError, match="group 'rest' but config.optim has no lr_rest"):
+    optim.param_groups(c)
+
+
+def test_step_lr_schedule_is_torch_steplr_stepped_per_epoch():
+  """R2Gen: torch StepLR(step_size, gamma).step() after every epoch → the lr of step s is
+  base · gamma^floor(epoch(s) / step_size), no lag."""
+  from conftest import tiny_r2gen_config  # pylint: disable=g-import-not-at-top
+
+  c = tiny_r2gen_config()
+  c.optim.decay_epochs, c.optim.decay_rate = 2, 0.5
+  p = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.Adam([{"params": [p], "lr": c.optim.lr_ve}])
+  sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+  ours = optim.learning_rate_schedules(c, SPE)["ve"]
+  for epoch in range(7):
+    for b in range(SPE):
+      assert float(ours(epoch * SPE + b)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6), (epoch, b)
+    sched.step()
+
+
+def test_frozen_epochs_match_torch_parameters_unfrozen_later():
+  """A group frozen for its first epoch: no update then, and from the unfreezing step on the same updates as torch
+  Adam for parameters that get their first gradient there (fresh moments, bias correction from t = 1), while the
+  other group trains throughout and the schedule counts every step."""
+  rng = np.random.default_rng(3)
+  params = _params(rng)
+  grads = [jax.tree.map(lambda p: (rng.normal(size=p.shape) * 0.05).astype(np.float32), params) for _ in range(12)]
+  config = _config(0, 50)
+  config.optim.frozen = ()
+  config.optim.frozen_epochs.ve = 1
+  got = _jax_run(params, grads, optim.make_optimizer(config, SPE))
+  start = _flat(params)
+  # torch: the VE group joins at step SPE (its params get no .grad before).
+  tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+  opt = torch.optim.Adam([{"params": [p for k, p in tp.items() if k.startswith("visual_extractor")], "lr": 1e-3},
+                          {"params": [p for k, p in tp.items() if not k.startswith("visual_extractor")],
+                           "lr": 2e-3}], weight_decay=5e-5, amsgrad=True)
+  for step, g in enumerate(grads):
+    opt.zero_grad(set_to_none=True)
+    for k, p in tp.items():
+      if step >= SPE or not k.startswith("visual_extractor"):
+        p.grad = torch.tensor(_flat(g)[k])
+    torch.nn.utils.clip_grad_value_([p for p in tp.values() if p.grad is not None], 0.1)
+    opt.step()
+  for k, p in tp.items():
+    np.testing.assert_allclose(got[k], p.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+  frozen_after_epoch_0 = _jax_run(params, grads[:SPE], optim.make_optimizer(config, SPE))
+  for k in start:
+    if k.startswith("visual_extractor"):
+      np.testing.assert_array_equal(frozen_after_epoch_0[k], start[k])
+    else:
+      assert np.abs(frozen_after_epoch_0[k] - start[k]).max() > 1e-4
+  with pytest.raises(ValueError, match="frozen_epochs names"):
+    config.optim.frozen_epochs.nope = 1
+    optim.make_optimizer(config, SPE)
 
 
 def test_torch_adam_without_amsgrad():

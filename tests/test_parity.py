@@ -17,7 +17,7 @@ import torch
 
 from configs import camanet as camanet_config
 from conftest import tiny_config
-from rrg_jax import convert
+from rrg_jax import convert, models
 from torch_reference import camanet as ref
 from torch_reference.batches import random_batch
 
@@ -93,8 +93,7 @@ def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0, logit_scal
 def to_flax(model: ref.CAMANet, config):
   from rrg_jax import models
 
-  expected = convert.expected_variables(config.model, config.data.num_views, config.data.image_size,
-                                        config.data.max_seq_length)
+  expected = models.get_system(config).abstract_variables()
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   variables = jax.tree.map(jnp.asarray, convert.state_dict_to_variables(sd, expected))
   return models.get_model(config.model), variables
@@ -151,7 +150,7 @@ def test_eval_parity_full_mimic():
 # --- train mode, dropout 0 -------------------------------------------------------------------------------------
 
 def train_parity(config, lengths, seed):
-  from rrg_jax import losses
+  from rrg_jax.models import camanet
 
   config.model.dropout = 0.0
   config.model.drop_prob_lm = 0.0
@@ -174,7 +173,7 @@ def train_parity(config, lengths, seed):
     out, state = fmodel.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["images"],
                               batch["targets"], batch["masks"], train=True, rngs={"dropout": jax.random.key(0)},
                               mutable=["batch_stats"])
-    total, terms = losses.camanet_loss(out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
+    total, terms = camanet.camanet_loss(out, batch, cls_w=config.loss.cls_w, mse_w=config.loss.mse_w,
                                        use_vtac=True)
     return total, (terms, state)
 
@@ -292,7 +291,9 @@ def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True, log
   want = ref.beam_search(tmodel, torch_inputs(batch)[0], config.data.max_seq_length, beam_size=3)
   fmodel, variables = to_flax(tmodel, config)
   config.decode.method, config.decode.beam_size, config.decode.cached = "beam", 3, cached
-  got = np.asarray(decoding.generate_reports(fmodel, variables, batch["images"], config=config)["tokens"])
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  got = np.asarray(models.get_system(config).generate(variables, {"images": batch["images"]})["tokens"])
   got = [[int(t) for t in row] for row in got]
   got = [row[:row.index(0)] if 0 in row else row for row in got]
   print(f"PARITY beam lengths: {[len(w) for w in want]}")

@@ -13,20 +13,22 @@ memory's first token (``Henc[:, 1]`` with VDMAE, the spec §5.6 bug), "paper" = 
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrg_jax import models
+from rrg_jax import losses, models
 from rrg_jax.alignment.cam import cam, vdm_from_cams
 from rrg_jax.alignment.vtac import textual_discriminative_map
 from rrg_jax.layers.densenet import DenseNet
+from rrg_jax.layers.encoder_decoder import EncoderDecoder, EncoderDecoderModel
 from rrg_jax.layers.linear import Linear, torch_kernel_init
 from rrg_jax.layers.norms import LayerNorm
-from rrg_jax.layers.transformer import DecodeCache, MemoryDrivenTransformer, causal_mask, padded_causal_mask
+from rrg_jax.layers.views import view_tokens
+from rrg_jax.models.system import EncoderDecoderSystem, Field, module_kwargs
 
 VTAC_ANCHORS = ("official", "paper")
 
@@ -49,12 +51,7 @@ class VisualExtractor(nn.Module):
   def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
     """images (B, V, H, W, 3) → patch_feats (B, V·h·w, C) (row-major tokens per view, views concatenated),
     gbl (B, C) mean of the per-view global average pools, logits (B, classes) float32, cams (B, classes, N)."""
-    tokens, gaps = [], []
-    for v in range(images.shape[1]):  # per-view BatchNorm statistics / running-stat updates, as the original
-      f = self.model(images[:, v], train)
-      tokens.append(f.reshape(f.shape[0], -1, f.shape[-1]))
-      gaps.append(jnp.mean(f.astype(jnp.float32), axis=(1, 2)))
-    patch_feats = jnp.concatenate(tokens, axis=1)
+    patch_feats, gaps = view_tokens(self.model, images, train)
     gbl = sum(gaps[1:], gaps[0]) / len(gaps)
     logits = self.head(gbl).astype(jnp.float32)
     cams = cam(patch_feats, self.head.variables["params"]["kernel"])
@@ -77,49 +74,7 @@ class ForeBackLearning(nn.Module):
     return self.fore_norm(jnp.einsum("bn,bnc->bc", vdm, f)[:, None])
 
 
-class EncoderDecoder(nn.Module):
-  """``att_embed_0`` (Linear → ReLU → Dropout), ``model`` (memory-driven transformer), ``logit`` (D → K)."""
-  vocab_size: int
-  d_model: int
-  d_ff: int
-  num_heads: int
-  num_layers: int
-  dropout: float
-  drop_prob_lm: float
-  rm_num_slots: int
-  rm_num_heads: int
-  rm_d_model: int
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    self.att_embed_0 = Linear(self.d_model, kernel_init=torch_kernel_init, dtype=self.dtype)
-    self.att_drop = nn.Dropout(self.drop_prob_lm)
-    self.model = MemoryDrivenTransformer(self.vocab_size, self.d_model, self.d_ff, self.num_heads, self.num_layers,
-                                         self.dropout, self.rm_num_slots, self.rm_num_heads, self.rm_d_model,
-                                         self.dtype)
-    self.logit = Linear(self.vocab_size, kernel_init=torch_kernel_init, dtype=self.dtype)
-
-  def encode(self, att_feats: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """(B, S, d_vf) → Henc (B, S, D)."""
-    x = self.att_drop(nn.relu(self.att_embed_0(att_feats)), deterministic=deterministic)
-    return self.model.encode(x, deterministic=deterministic)
-
-  def logprobs(self, memory: jax.Array, seq: jax.Array, mask: jax.Array, *, deterministic: bool = True
-               ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
-    """→ (log-softmax (B, L, K) float32, per-layer cross-attention [(B, H, L, N')], embedding E (B, L, D))."""
-    out, attns, emb = self.model.decode(memory, seq, mask, deterministic=deterministic)
-    return jax.nn.log_softmax(self.logit(out).astype(jnp.float32), axis=-1), attns, emb
-
-  def init_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
-    return self.model.init_cache(memory, max_len)
-
-  def step(self, cache: DecodeCache, token: jax.Array) -> tuple[jax.Array, DecodeCache, jax.Array]:
-    out, cache, attn = self.model.step(cache, token)
-    return jax.nn.log_softmax(self.logit(out).astype(jnp.float32), axis=-1), cache, attn
-
-
-@models.register("camanet")
-class CAMANet(nn.Module):
+class CAMANet(EncoderDecoderModel):
   """CAMANet. Attributes are the ``config.model`` fields (see ``configs/camanet.py``); ``dtype`` is the compute
   dtype name ("float32" | "bfloat16"): params, BN/LN statistics, softmax, log-softmax and VTAC stay float32."""
   vocab_size: int
@@ -150,10 +105,7 @@ class CAMANet(nn.Module):
     """From ``config.model`` (other keys such as ``name`` and ``pretrained_backbone`` are not model fields)."""
     if config.get("backbone", "densenet121") != "densenet121":
       raise ValueError(f"config.model.backbone={config.backbone!r}: CAMANet supports only 'densenet121'.")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    kwargs = {k: config[k] for k in fields if k in config}
-    kwargs["block_config"] = tuple(kwargs.get("block_config", cls.block_config))
-    return cls(**kwargs)
+    return cls(**module_kwargs(cls, config))
 
   def setup(self):
     if self.vtac_anchor not in VTAC_ANCHORS:
@@ -201,8 +153,7 @@ class CAMANet(nn.Module):
     """
     enc = self._encode(images, train)
     seq = targets[:, :-1]
-    logprobs, attns, emb = self.encoder_decoder.logprobs(enc["memory"], seq, padded_causal_mask(seq),
-                                                         deterministic=not train)
+    logprobs, attns, emb = self.teacher_forced(enc["memory"], targets, train=train)
     out = {"logprobs": logprobs, "logits": enc["logits"], "cams": enc["cams"], "vdm": enc["vdm"]}
     if self.use_vtac:
       anchor = enc["henc"][:, 0] if self.vtac_anchor == "paper" else enc["memory"][:, 0]
@@ -216,35 +167,48 @@ class CAMANet(nn.Module):
     ``cams`` (B, C, N), ``vdm`` (B, N)."""
     return self._encode(images, False)
 
-  def decode_full(self, memory: jax.Array, seq: jax.Array, *, mask_padding: bool = False, train: bool = False
-                  ) -> tuple[jax.Array, list[jax.Array]]:
-    """Full-prefix decoding: memory (B, N', D), seq (B, L) int starting with BOS 0 →
-    (logprobs (B, L, K) float32, per-layer cross-attention [(B, H, L, N')]).
 
-    ``mask_padding=False`` is the original's sampling mask (causal only, spec §9); True is the training mask
-    (also hides keys with ``seq == 0`` after position 0). ``train`` enables dropout (rng 'dropout').
-    """
-    mask = padded_causal_mask(seq) if mask_padding else causal_mask(seq.shape[1])
-    logprobs, attns, _ = self.encoder_decoder.logprobs(memory, seq, mask, deterministic=not train)
-    return logprobs, attns
+def camanet_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], *, cls_w: float, mse_w: float,
+                 use_vtac: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``L = CE + cls_w · BCE + mse_w · MSE`` (spec §7; MSE only when ``use_vtac``, reported as 0 otherwise).
 
-  def init_decode_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
-    """Cache for ``decode_step`` (``max_len`` static: the number of tokens it can hold, BOS included).
+  Args:
+    outputs: model outputs with ``logprobs`` (B, T−1, K), ``logits`` (B, C), ``vdm``/``tdm`` (B, N).
+    batch: ``targets`` (B, T) int, ``masks`` (B, T), ``labels`` (B, C).
 
-    A dict whose every leaf has leading dim B (reorder beams with ``jax.tree.map(lambda x: x[idx], cache)``):
-    ``index`` (B,) int32 position of the next token; ``rm`` (B, S, Dm) relational-memory state;
-    ``layers``: per decoder layer ``self_k``/``self_v`` (B, H, max_len, d_k) and ``src_k``/``src_v``
-    (B, H, N', d_k) — the memory projected once.
-    """
-    return self.encoder_decoder.init_cache(memory, max_len)
+  Returns:
+    (total, {"ce", "bce", "mse", "loss"}) scalars.
+  """
+  ce = losses.cross_entropy(outputs["logprobs"], batch["targets"], batch["masks"])
+  bce = losses.bce_with_logits(outputs["logits"], batch["labels"])
+  mse = (losses.vtac_mse(outputs["tdm"], outputs["vdm"], batch["labels"]) if use_vtac
+         else jnp.zeros((), jnp.float32))
+  total = ce + cls_w * bce + mse_w * mse
+  return total, {"ce": ce, "bce": bce, "mse": mse, "loss": total}
 
-  def decode_step(self, memory: jax.Array, cache: DecodeCache, token: jax.Array
-                  ) -> tuple[jax.Array, DecodeCache, jax.Array]:
-    """One cached step (eval): token (B,) int at position ``cache['index']`` (the first call feeds BOS 0) →
-    (logprobs (B, K) of the next token, advanced cache, last decoder layer's cross-attention (B, H, N')).
 
-    Equals ``decode_full(memory, seq)[0][:, t]`` for ``token = seq[:, t]``. ``memory`` (B, N', D) is the one
-    given to ``init_decode_cache`` (its projections are read from the cache).
-    """
-    del memory  # projected once into the cache by init_decode_cache
-    return self.encoder_decoder.step(cache, token)
+@models.register("camanet")
+class CAMANetSystem(EncoderDecoderSystem):
+  """CAMANet (IEEE JBHI 2024): DenseNet-121 + CAM/VDM discriminative token + R2Gen transformer + VTAC loss."""
+  module_class = CAMANet
+  forward_fields = ("images", "targets", "masks")
+  report_outputs = ("probs", "vdm")
+
+  def batch_fields(self) -> dict[str, Field]:
+    """The image-report fields plus the pseudo-labels ``labels`` (C,) of the classifier head."""
+    return {**super().batch_fields(), "labels": Field((int(self.config.model.num_classes),), jnp.float32)}
+
+  def loss(self, outputs, batch):
+    return camanet_loss(outputs, batch, cls_w=float(self.config.loss.cls_w), mse_w=float(self.config.loss.mse_w),
+                        use_vtac=bool(self.config.model.use_vtac))
+
+  def word_attention_layer(self) -> int:
+    """VTAC's decoder layer, ``config.model.layer_id``."""
+    return int(self.config.model.layer_id)
+
+  def load_pretrained(self, variables):
+    """``config.model.pretrained_backbone``: a local torchvision ``densenet121`` file for the backbone."""
+    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
+
+    path = self.config.model.get("pretrained_backbone", "")
+    return convert.load_torchvision_backbone(path, variables, kind="densenet") if path else variables

@@ -385,6 +385,10 @@ class CAMANet(nn.Module):
     out["tdm"] = cam_attn_con(hmem[:, 0], emb, attn, targets, self.cfg.topk)  # first patch token (spec 5.6 bug)
     return out
 
+  def decoder_memory(self, images: torch.Tensor) -> torch.Tensor:
+    """Eval-mode decoder memory ``henc[:, 1:]`` (the discriminative token is not attended)."""
+    return self.encode(images)["henc"][:, 1:]
+
   def step_logprobs(self, hmem: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """Full-prefix recompute (causal mask only): log-probs of the next token, (B, K)."""
     logprobs, _ = self.encoder_decoder.logprobs(hmem, ys, subsequent_mask(ys.shape[1]))
@@ -407,10 +411,11 @@ def losses(out: dict[str, torch.Tensor], targets, masks, labels, cls_w: float, m
 # --- beam search (spec §9) ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def beam_search(model: CAMANet, images: torch.Tensor, max_len: int, beam_size: int = 3) -> list[list[int]]:
-  """Official beam search (eval mode): full-prefix recompute, −1000 on finished beams, forced termination at
-  ``max_len``, best by raw summed log-prob. Returns the token ids per image (without BOS, cut before padding)."""
-  hmem = model.encode(images)["henc"][:, 1:]
+def beam_search(model: nn.Module, images: torch.Tensor, max_len: int, beam_size: int = 3) -> list[list[int]]:
+  """Official beam search of the R2Gen code base (eval mode; CAMANet, R2Gen: any ``model`` with
+  ``decoder_memory`` and ``step_logprobs``): full-prefix recompute, −1000 on finished beams, forced termination
+  at ``max_len``, best by raw summed log-prob. Returns the token ids per image (without BOS, cut before padding)."""
+  hmem = model.decoder_memory(images)
   b = hmem.shape[0]
   logp = model.step_logprobs(hmem, torch.zeros(b, 1, dtype=torch.long))[:, None]  # (B, 1, K)
   hmem = hmem.repeat_interleave(beam_size, 0)

@@ -1,0 +1,86 @@
+"""The config sections every image→report system shares (data, training loop, evaluation, decoding, devices).
+
+Each ``configs/<system>.py`` starts from ``base_config()`` and sets its model, loss and optimiser and its
+presets' recipe values. Defaults here are the R2Gen-layout pipeline's; nothing here is system-specific.
+"""
+
+import ml_collections
+
+
+def base_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+
+  # --- data (R2Gen layout; input_pipeline.loader) --------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cxr_sample"            # iu_xray | mimic_cxr | cxr_sample (TFDS builder name)
+  c.data.data_dir = ""                  # R2Gen layout folder; "" = the embedded sample
+  c.data.annotation = "annotation.json"  # relative to data_dir
+  c.data.labels = "labels.json"         # relative to data_dir; "" = no labels
+  c.data.label_key = "id"               # "id" (MIMIC, sample) | "iu" (first two '-' pieces)
+  c.data.num_views = 1                  # 2 for IU X-Ray
+  c.data.clean = "mimic"                # report cleaning rules: "iu" | "mimic"
+  c.data.threshold = 3                  # vocabulary min count
+  c.data.max_seq_length = 60            # ids incl. BOS, truncated after BOS/EOS; also the decoding length
+  c.data.image_size = 224
+  c.data.resize = 256                   # train: shorter side -> resize, then random crop image_size
+  c.data.augment = "flip"               # "flip" (random crop + h-flip) | "rotate_scale" (CAMANet MIMIC --randaug)
+  c.data.source = "folder"              # "folder" (direct Grain source) | "tfds" (ArrayRecord via TFDS)
+  c.data.tfds_dir = ""                  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.num_workers = 0                # Grain worker processes (0 = in-process)
+  c.data.on_bad_record = "error"        # "error" | "skip"
+
+  # --- training loop (rrg_jax.train) ----------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 30
+  c.train.batch_size = 16               # global batch (train, val and test)
+  c.train.early_stop = 10               # stop after early_stop + 1 epochs in a row without improvement
+  c.train.keep_checkpoints = 3
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 0    # also save mid-epoch every N steps (0 = only at epoch ends)
+  c.train.eval_splits = ("val", "test")
+  c.train.max_eval_examples = -1        # -1 = whole split
+  # Model selection: score = Σ weight · epoch-row value (val_* scores); improved if greater (or equal with ties).
+  c.train.selection = ml_collections.ConfigDict({"val_BLEU_4": 1.0})
+  c.train.selection_ties_improve = False
+  # Staged training: start a fresh run from another run's weights (a workdir or inference checkpoint).
+  # take: parameter-path prefixes copied ("" = all; "dst=src" copies checkpoint subtree src into dst).
+  c.train.init_from = ml_collections.ConfigDict({"checkpoint": "", "take": ("",)})
+
+  # --- evaluation (rrg_jax.evaluators) --------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.evaluators = ("report_text",)
+
+  # --- decoding (rrg_jax.decoding) ------------------------------------------------------------------------
+  c.decode = ml_collections.ConfigDict()
+  c.decode.method = "beam"              # "beam" | "greedy"
+  c.decode.beam_size = 3
+  c.decode.cached = True                # incremental KV-cached decoder; False = full-prefix (original)
+
+  # --- devices --------------------------------------------------------------------------------------------
+  c.mesh_shape = (-1,)                  # sizes of the ("data",) mesh axis; -1 = all devices
+  return c
+
+
+def r2gen_optim(lr_ve: float, lr_ed: float) -> ml_collections.ConfigDict:
+  """torch Adam (AMSGrad, coupled L2) over the two groups of the R2Gen-family trainers: the visual extractor
+  (``lr_ve``) and everything else (``lr_ed``), gradient value clipping 0.1."""
+  o = ml_collections.ConfigDict()
+  o.param_groups = ml_collections.ConfigDict({"ve": ("visual_extractor",), "ed": ("",)})
+  o.lr_ve = lr_ve
+  o.lr_ed = lr_ed
+  o.frozen_epochs = ml_collections.ConfigDict({"ve": 0, "ed": 0})
+  o.weight_decay = 5e-5
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.amsgrad = True
+  o.clip_value = 0.1
+  o.schedule = "timm_step"              # "timm_step" (per step, one-step lag) | "step_lr" (torch StepLR per epoch)
+  o.warmup_epochs = 0
+  o.warmup_lr = 1e-4
+  o.decay_epochs = 50
+  o.decay_rate = 0.8
+  o.frozen = ()                         # parameter-path substrings never updated
+  return o

@@ -1,0 +1,184 @@
+"""The system contract: what a registered report-generation system declares; all that ``train``, ``evaluate``,
+``generate`` and ``convert`` read.
+
+A system is a ``System`` subclass registered under its ``config.model.name`` (``models.register``) with a config
+file ``configs/<name>.py`` (``get_config(preset)``). ``System(config)`` builds ``module_class.from_config(
+config.model)``. What a new system implements — everything else has a default here:
+
+=========================  ================================================================================
+``module_class``           the Flax module; ``__call__(*forward_fields, train=...)`` is the training forward
+``forward_fields``         the batch fields the training forward takes, in order
+``loss(outputs, batch)``   → ``(total, {part: scalar})``, float32 (outputs are cast to float32 before)
+``batch_fields()``         name → ``Field(shape, dtype)`` of the fields that enter the jitted step (default: the
+                           image-report batch of ``input_pipeline.loader``); every other batch key is host-only
+``generate(...)``          decoding (``EncoderDecoderSystem``: encode → cache → step beam search) and the report
+                           extras (``report_outputs``: e.g. class probabilities, the VDM)
+``torch_vocab_key``,       the checkpoint converter: the key whose first dimension is the vocabulary, regex
+``torch_key_renames``      renames from the original state_dict to the Flax naming rule of ``rrg_jax.convert``
+``load_pretrained(v)``     the local pretrained backbone named by the config (nothing is downloaded)
+=========================  ================================================================================
+
+Configuration, not code, decides the rest for every system: parameter groups, learning rates, schedules and
+frozen epochs (``config.optim``, ``rrg_jax.optim``), staged initialisation (``config.train.init_from``), the
+evaluators (``config.eval.evaluators``, ``rrg_jax.evaluators``) and the model-selection score
+(``config.train.selection``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One batch field that enters the jitted step: per-example ``shape`` (the batch dimension excluded), ``dtype``."""
+  shape: tuple[int, ...]
+  dtype: Any
+
+
+class BatchFieldError(KeyError):
+  """A batch lacks a field the system declares, or has it with the wrong shape or dtype."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
+def module_kwargs(module_cls: type, model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The ``config.model`` entries that are fields of the Flax module ``module_cls`` (lists become tuples: JSON
+  configs read back from checkpoints have lists); other keys (``name``, ``pretrained_backbone``, ...) are not."""
+  fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items() if k in fields}
+
+
+class System:
+  """Base of every registered system; see the module docstring for the contract."""
+  name: ClassVar[str] = ""                       # set by ``models.register``
+  module_class: ClassVar[type]
+  forward_fields: ClassVar[tuple[str, ...]] = ("images", "targets")
+  report_outputs: ClassVar[tuple[str, ...]] = ()
+  torch_vocab_key: ClassVar[str] = ""
+  torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.module = self.module_class.from_config(config.model)
+
+  # --- data ---------------------------------------------------------------------------------------------------
+
+  def batch_fields(self) -> dict[str, Field]:
+    """The image-report batch of ``input_pipeline.loader``: images (V, S, S, 3), targets / masks (T,)."""
+    d = self.config.data
+    s, t = int(d.image_size), int(d.max_seq_length)
+    return {"images": Field((int(d.num_views), s, s, 3), jnp.float32), "targets": Field((t,), jnp.int32),
+            "masks": Field((t,), jnp.float32)}
+
+  def dummy_batch(self, batch_size: int = 1) -> dict[str, jax.Array]:
+    """Zeros of every declared field, batch ``batch_size`` (what ``init`` traces)."""
+    return {k: jnp.zeros((batch_size,) + f.shape, f.dtype) for k, f in self.batch_fields().items()}
+
+  def device_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The declared fields of a host batch (host-only keys such as ``ids`` dropped), checked per field."""
+    out = {}
+    for name, field in self.batch_fields().items():
+      if name not in batch:
+        raise BatchFieldError(f"the {self.name} batch lacks field {name!r} (it has {sorted(batch)}).")
+      x = batch[name]
+      if tuple(np.shape(x)[1:]) != field.shape:
+        raise BatchFieldError(f"batch field {name!r} has per-example shape {tuple(np.shape(x)[1:])}, the {self.name} "
+                              f"config expects {field.shape}.")
+      out[name] = x
+    return out
+
+  # --- model --------------------------------------------------------------------------------------------------
+
+  def init(self, key: jax.Array) -> dict[str, Any]:
+    """``module.init`` on the dummy batch (train=False) → ``{'params', 'batch_stats'}``."""
+    x = self.dummy_batch(1)
+    params_key, dropout_key = jax.random.split(key)
+    variables = self.module.init({"params": params_key, "dropout": dropout_key},
+                                 *(x[k] for k in self.forward_fields), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+  def abstract_variables(self) -> dict[str, Any]:
+    """Shapes and dtypes of ``init`` (no computation)."""
+    return jax.eval_shape(self.init, jax.random.key(0))
+
+  def forward(self, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
+              rngs: Mapping[str, jax.Array] | None = None, mutable: Any = False):
+    """The training forward ``module(*batch[forward_fields], train=train)`` (Flax ``apply`` semantics)."""
+    return self.module.apply(variables, *(batch[k] for k in self.forward_fields), train=train, rngs=rngs,
+                             mutable=mutable)
+
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError(f"{type(self).__name__}.loss")
+
+  def load_pretrained(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """``variables`` with the configured local pretrained weights copied in (default: none)."""
+    return variables
+
+  # --- decoding -----------------------------------------------------------------------------------------------
+
+  def generate(self, variables: Any, batch: Mapping[str, jax.Array], *, with_attention: bool = False
+               ) -> dict[str, jax.Array]:
+    """Eval-mode reports for the device fields of ``batch`` → ``tokens`` (B, T) int32 (text =
+    ``tokenizer.decode``), ``scores`` (B,), ``steps`` () and the ``report_outputs`` (per-report arrays)."""
+    raise NotImplementedError(f"{type(self).__name__}.generate")
+
+  # --- checkpoint conversion ----------------------------------------------------------------------------------
+
+  def rename_torch_keys(self, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The original state_dict's keys rewritten by ``torch_key_renames`` (regex, replacement), in order."""
+    out = {}
+    for key, value in state_dict.items():
+      for pattern, repl in self.torch_key_renames:
+        key = re.sub(pattern, repl, key)
+      out[key] = value
+    return out
+
+  def torch_vocab_size(self, state_dict: Mapping[str, np.ndarray], source: str) -> int:
+    """The output vocabulary size of an original state_dict (``ConversionError`` if it is not this system's)."""
+    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
+
+    if self.torch_vocab_key not in state_dict:
+      raise convert.ConversionError(f"{source} has no {self.torch_vocab_key!r}: not a {self.name} state_dict.")
+    return int(state_dict[self.torch_vocab_key].shape[0])
+
+  def torch_to_variables(self, state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
+    """An original state_dict → this system's variables; one ``ConversionError`` lists every missing,
+    unexpected and mis-shaped key."""
+    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
+
+    return convert.state_dict_to_variables(self.rename_torch_keys(state_dict), self.abstract_variables(), source)
+
+
+class EncoderDecoderSystem(System):
+  """Systems whose module is an ``layers.encoder_decoder.EncoderDecoderModel`` (R2Gen's memory-driven transformer
+  decoder): reports by ``decoding`` beam search / greedy over the module's encode → cache → step API."""
+  torch_vocab_key: ClassVar[str] = "encoder_decoder.logit.weight"
+
+  def word_attention_layer(self) -> int:
+    """The decoder layer whose cross-attention the word heatmaps show (default: the last)."""
+    return int(self.config.model.num_layers) - 1
+
+  def generate(self, variables: Any, batch: Mapping[str, jax.Array], *, with_attention: bool = False
+               ) -> dict[str, jax.Array]:
+    """``decoding.encode_and_decode`` with ``config.decode`` (method, beam size, KV cache) up to
+    ``config.data.max_seq_length`` tokens; ``with_attention`` adds ``word_attention`` (B, T, N')."""
+    from rrg_jax import decoding  # pylint: disable=g-import-not-at-top
+
+    d = self.config.decode
+    if d.method not in decoding.METHODS:
+      raise ValueError(f"config.decode.method={d.method!r}; choose one of {decoding.METHODS}.")
+    return decoding.encode_and_decode(
+        self.module, variables, batch["images"], method=str(d.method), beam_size=int(d.beam_size),
+        max_len=int(self.config.data.max_seq_length), cached=bool(d.cached), extras=tuple(self.report_outputs),
+        attention_layer=self.word_attention_layer() if with_attention else None)
