@@ -28,23 +28,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.num_init_features = 64
   c.model.bn_size = 4
   c.model.num_classes = 15              # sample: 15 findings; IU/MIMIC: 14 CheXpert observations
-  c.model.vocab_size = -1               # K = |vocab| + 1; filled from the tokenizer at start-up
-  c.model.d_model = 512
-  c.model.d_ff = 512
-  c.model.num_heads = 8
-  c.model.num_layers = 3
-  c.model.dropout = 0.1
-  c.model.drop_prob_lm = 0.5
-  c.model.rm_num_slots = 3
-  c.model.rm_num_heads = 8
-  c.model.rm_d_model = 512
+  common.add_memory_driven_transformer(c.model)
   c.model.use_vdmae = True              # discriminative token (FBL / VDMAE)
   c.model.use_vtac = True               # VTAC consistency (MSE) loss
   c.model.vtac_anchor = "official"      # "official": encoded first patch token (spec 5.6) | "paper": r*
   c.model.topk = 0.25
   c.model.layer_id = 2                  # decoder layer whose cross-attention VTAC uses
-  c.model.dtype = "float32"             # compute dtype: "float32" | "bfloat16" (params stay fp32)
-  c.model.remat = False                 # rematerialise DenseNet blocks
   c.model.pretrained_backbone = ""      # torchvision densenet121 .pth (ImageNet) to start from; "" = random
 
   # --- loss (spec §7) -----------------------------------------------------------------------

@@ -63,6 +63,22 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
+def add_memory_driven_transformer(m: ml_collections.ConfigDict) -> None:
+  """The R2Gen memory-driven transformer's hyper-parameters (R2Gen's and CAMANet's defaults) on ``config.model``."""
+  m.vocab_size = -1                     # K = |vocab| + 1; filled from the tokenizer at start-up
+  m.d_model = 512
+  m.d_ff = 512                          # the FFN inner width is 512, not 2048
+  m.num_heads = 8
+  m.num_layers = 3                      # encoder and decoder each
+  m.dropout = 0.1
+  m.drop_prob_lm = 0.5                  # after the visual projection att_embed
+  m.rm_num_slots = 3
+  m.rm_num_heads = 8
+  m.rm_d_model = 512
+  m.dtype = "float32"                   # compute dtype: "float32" | "bfloat16" (params stay fp32)
+  m.remat = False                       # rematerialise the backbone's blocks
+
+
 def r2gen_optim(lr_ve: float, lr_ed: float) -> ml_collections.ConfigDict:
   """torch Adam (AMSGrad, coupled L2) over the two groups of the R2Gen-family trainers: the visual extractor
   (``lr_ve``) and everything else (``lr_ed``), gradient value clipping 0.1."""

@@ -37,18 +37,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.name = "r2gen"
   c.model.backbone = "resnet101"        # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
   c.model.resnet_widths = (64, 128, 256, 512)  # torchvision's stage widths (smaller only for tests)
-  c.model.vocab_size = -1               # K = |vocab| + 1; filled from the tokenizer at start-up
-  c.model.d_model = 512
-  c.model.d_ff = 512
-  c.model.num_heads = 8
-  c.model.num_layers = 3
-  c.model.dropout = 0.1
-  c.model.drop_prob_lm = 0.5
-  c.model.rm_num_slots = 3
-  c.model.rm_num_heads = 8
-  c.model.rm_d_model = 512
-  c.model.dtype = "float32"             # compute dtype: "float32" | "bfloat16" (params stay fp32)
-  c.model.remat = False                 # rematerialise ResNet blocks
+  common.add_memory_driven_transformer(c.model)
   c.model.pretrained_backbone = ""      # local torchvision resnet*.pth (ImageNet) to start from; "" = random
 
   # --- optimiser (R2Gen optimizers.py: Adam, AMSGrad, two groups; trainer: clip_grad_value_ 0.1) -----------
@@ -70,7 +59,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.train.batch_size = 8
     c.train.log_every_steps = 1
     c.data.threshold = 2
-  elif preset == "iu_xray":
+  elif preset == "iu_xray":               # train_iu_xray.sh (the values above are its own)
     c.data.name = "iu_xray"
     c.data.data_dir = "data/iu_xray"
     c.data.label_key = "iu"
@@ -78,12 +67,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.data.clean = "iu"
     c.data.threshold = 3
     c.data.max_seq_length = 60
-    c.train.epochs = 100
-    c.train.batch_size = 16
-    c.optim.decay_epochs = 50
-    c.optim.decay_rate = 0.1
-    c.seed = 9223
-  elif preset == "mimic_cxr":
+  elif preset == "mimic_cxr":             # train_mimic_cxr.sh
     c.data.name = "mimic_cxr"
     c.data.data_dir = "data/mimic_cxr"
     c.data.num_views = 1
@@ -91,7 +75,6 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.data.threshold = 10
     c.data.max_seq_length = 100
     c.train.epochs = 30
-    c.train.batch_size = 16
     c.optim.decay_epochs = 1
     c.optim.decay_rate = 0.8
     c.seed = 456789

@@ -177,7 +177,7 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], expected: Mapp
 
 def torchvision_to_backbone_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """torchvision ``densenet121`` keys (``features.*``, old or new spelling; ``classifier.*`` dropped) →
-  CAMANet backbone keys ``visual_extractor.model.*``."""
+  backbone keys ``visual_extractor.model.*``."""
   out = {}
   for key, value in state_dict.items():
     if key.startswith("classifier."):

@@ -1,7 +1,7 @@
 """Heatmap figures (matplotlib, Agg): the visual discriminative map (VDM) over each view and the decoder
 cross-attention of chosen words (paper Fig. 7/8 style), each with a colour bar.
 
-Token layout (``models.camanet.VisualExtractor``): ``N = V·h·w`` patch tokens, views concatenated, each view's
+Token layout (``layers.views.view_tokens``): ``N = V·h·w`` patch tokens, views concatenated, each view's
 ``h × w`` grid row-major; eval images are square, so ``h = w = sqrt(N / V)``. Maps are bilinearly upsampled onto
 the image the model saw (the eval transform's ``image_size`` square).
 """

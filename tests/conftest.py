@@ -15,6 +15,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def _tiny_transformer(m, vocab_size: int) -> None:
+  """The memory-driven transformer at width 32, 1 layer, 4 heads."""
+  m.vocab_size = vocab_size
+  m.d_model = m.d_ff = m.rm_d_model = 32
+  m.num_heads = m.rm_num_heads = 4
+  m.num_layers = 1
+  m.rm_num_slots = 3
+
+
 def tiny_config(preset: str = "", num_views: int = 1, vocab_size: int = 40, num_classes: int = 5):
   """A CAMANet config small enough for CPU unit tests: 64x64 images, 1 layer, width 32."""
   from configs import camanet
@@ -29,14 +38,7 @@ def tiny_config(preset: str = "", num_views: int = 1, vocab_size: int = 40, num_
   m.num_init_features = 16
   m.bn_size = 2
   m.num_classes = num_classes
-  m.vocab_size = vocab_size
-  m.d_model = 32
-  m.d_ff = 32
-  m.num_heads = 4
-  m.num_layers = 1
-  m.rm_num_slots = 3
-  m.rm_num_heads = 4
-  m.rm_d_model = 32
+  _tiny_transformer(m, vocab_size)
   m.layer_id = 0
   c.train.batch_size = 4
   return c
@@ -53,14 +55,7 @@ def tiny_r2gen_config(preset: str = "", num_views: int = 1, vocab_size: int = 40
   m = c.model
   m.backbone = "resnet18"
   m.resnet_widths = (8, 16, 32, 64)
-  m.vocab_size = vocab_size
-  m.d_model = 32
-  m.d_ff = 32
-  m.num_heads = 4
-  m.num_layers = 1
-  m.rm_num_slots = 3
-  m.rm_num_heads = 4
-  m.rm_d_model = 32
+  _tiny_transformer(m, vocab_size)
   c.train.batch_size = 4
   return c
 

@@ -17,6 +17,7 @@ import torch
 
 from configs import camanet as camanet_config
 from conftest import tiny_config
+from numerics import check
 from rrg_jax import convert, models
 from torch_reference import camanet as ref
 from torch_reference.batches import random_batch
@@ -26,38 +27,6 @@ torch.set_default_dtype(torch.float32)
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def _rel(got, want) -> tuple[float, float]:
-  """(max|got − want|, that divided by max|want|)."""
-  diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-  return diff, diff / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-
-
-def check(name: str, got, want, *, rtol: float | None = None, atol: float | None = None, exact=None) -> float:
-  """Asserts max|got − want| ≤ atol, or ≤ rtol·max|want|; prints and returns the measured max abs diff.
-
-  ``exact``: the float64 torch result, for the float32 noise floor. Where the plain bound fails, JAX passes only
-  if it is as accurate as torch float32 itself: its error against ``exact`` (abs with ``atol``, rel with
-  ``rtol``) at most 1.5× torch float32's own.
-  """
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (name, got.shape, want.shape)
-  diff, rel = _rel(got, want)
-  scale = float(np.max(np.abs(want))) if want.size else 0.0
-  noise = ""
-  if exact is not None:
-    exact = np.asarray(exact, np.float64)
-    (jax_abs, jax_rel), (torch_abs, torch_rel) = _rel(got, exact), _rel(want, exact)
-    noise = (f"; vs float64: jax max_abs={jax_abs:.3e} rel={jax_rel:.3e}, torch32 max_abs={torch_abs:.3e} "
-             f"rel={torch_rel:.3e}")
-  print(f"PARITY {name}: max_abs={diff:.3e} rel={rel:.3e} (max|ref|={scale:.3e}){noise}")
-  if (atol is None or diff <= atol) and (rtol is None or rel <= rtol):
-    return diff
-  assert exact is not None, f"{name}: max abs diff {diff:.3e}, relative {rel:.3e} > atol {atol} / rtol {rtol}"
-  jax_err, torch_err = (jax_abs, torch_abs) if atol is not None else (jax_rel, torch_rel)
-  assert jax_err <= 1.5 * torch_err, (
-      f"{name}: max abs diff {diff:.3e} (rel {rel:.3e}) exceeds atol {atol} / rtol {rtol}, and JAX is further "
-      f"from float64 ({jax_err:.3e}) than 1.5× torch float32 ({torch_err:.3e})")
-  return diff
 
 
 def full_config(preset: str, vocab_size: int):
@@ -91,8 +60,6 @@ def make_torch_model(config, batch, seed: int, eos_bias: float = 0.0, logit_scal
 
 
 def to_flax(model: ref.CAMANet, config):
-  from rrg_jax import models
-
   expected = models.get_system(config).abstract_variables()
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   variables = jax.tree.map(jnp.asarray, convert.state_dict_to_variables(sd, expected))
@@ -284,15 +251,11 @@ def test_reference_vdm_hand_computed():
 # --- beam search ----------------------------------------------------------------------------------------------
 
 def beam_parity(config, lengths, seed, eos_bias: float, cached: bool = True, logit_scale: float = 1.0):
-  from rrg_jax import decoding
-
   batch = random_batch(config, lengths, seed)
   tmodel = make_torch_model(config, batch, seed, eos_bias, logit_scale).eval()
   want = ref.beam_search(tmodel, torch_inputs(batch)[0], config.data.max_seq_length, beam_size=3)
   fmodel, variables = to_flax(tmodel, config)
   config.decode.method, config.decode.beam_size, config.decode.cached = "beam", 3, cached
-  from rrg_jax import models  # pylint: disable=g-import-not-at-top
-
   got = np.asarray(models.get_system(config).generate(variables, {"images": batch["images"]})["tokens"])
   got = [[int(t) for t in row] for row in got]
   got = [row[:row.index(0)] if 0 in row else row for row in got]

@@ -58,9 +58,18 @@ class EncoderDecoder(nn.Module):
     return jax.nn.log_softmax(self.logit(out).astype(jnp.float32), axis=-1), cache, attn
 
 
+TRANSFORMER_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "drop_prob_lm",
+                      "rm_num_slots", "rm_num_heads", "rm_d_model")
+
+
 class EncoderDecoderModel(nn.Module):
-  """Base of the models that own an ``encoder_decoder`` (``EncoderDecoder``, set up by the subclass): the decoding
-  API ``rrg_jax.decoding`` drives. The subclass provides ``encode(images) -> {"memory": (B, N', D), ...}``."""
+  """Base of the models that own an ``encoder_decoder`` (``make_encoder_decoder()`` in their ``setup``): the
+  decoding API ``rrg_jax.decoding`` drives. The subclass has the ``TRANSFORMER_FIELDS`` as attributes and provides
+  ``encode(images) -> {"memory": (B, N', D), ...}``."""
+
+  def make_encoder_decoder(self, dtype: Any) -> EncoderDecoder:
+    """The ``EncoderDecoder`` configured from this model's ``TRANSFORMER_FIELDS``."""
+    return EncoderDecoder(**{f: getattr(self, f) for f in TRANSFORMER_FIELDS}, dtype=dtype)
 
   def teacher_forced(self, memory: jax.Array, targets: jax.Array, *, train: bool
                      ) -> tuple[jax.Array, list[jax.Array], jax.Array]:

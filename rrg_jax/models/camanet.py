@@ -24,7 +24,7 @@ from rrg_jax import losses, models
 from rrg_jax.alignment.cam import cam, vdm_from_cams
 from rrg_jax.alignment.vtac import textual_discriminative_map
 from rrg_jax.layers.densenet import DenseNet
-from rrg_jax.layers.encoder_decoder import EncoderDecoder, EncoderDecoderModel
+from rrg_jax.layers.encoder_decoder import EncoderDecoderModel
 from rrg_jax.layers.linear import Linear, torch_kernel_init
 from rrg_jax.layers.norms import LayerNorm
 from rrg_jax.layers.views import view_tokens
@@ -120,9 +120,7 @@ class CAMANet(EncoderDecoderModel):
                                             self.num_init_features, self.bn_size, self.remat, dtype)
     if self.use_vdmae:
       self.fore_back_learn = ForeBackLearning(dtype)
-    self.encoder_decoder = EncoderDecoder(self.vocab_size, self.d_model, self.d_ff, self.num_heads, self.num_layers,
-                                          self.dropout, self.drop_prob_lm, self.rm_num_slots, self.rm_num_heads,
-                                          self.rm_d_model, dtype)
+    self.encoder_decoder = self.make_encoder_decoder(dtype)
 
   def _encode(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
     vis = self.visual_extractor(images, train)

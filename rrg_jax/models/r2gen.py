@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rrg_jax import losses, models
-from rrg_jax.layers.encoder_decoder import EncoderDecoder, EncoderDecoderModel
+from rrg_jax.layers.encoder_decoder import EncoderDecoderModel
 from rrg_jax.layers.resnet import ResNet
 from rrg_jax.layers.views import view_tokens
 from rrg_jax.models.system import EncoderDecoderSystem, module_kwargs
@@ -70,9 +70,7 @@ class R2Gen(EncoderDecoderModel):
       raise ValueError(f"config.model.vocab_size={self.vocab_size}; fill it from the tokenizer (|vocab| + 1).")
     dtype = jnp.dtype(self.dtype)
     self.visual_extractor = VisualExtractor(BACKBONES[self.backbone], tuple(self.resnet_widths), self.remat, dtype)
-    self.encoder_decoder = EncoderDecoder(self.vocab_size, self.d_model, self.d_ff, self.num_heads, self.num_layers,
-                                          self.dropout, self.drop_prob_lm, self.rm_num_slots, self.rm_num_heads,
-                                          self.rm_d_model, dtype)
+    self.encoder_decoder = self.make_encoder_decoder(dtype)
 
   def _encode(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
     patch_feats = self.visual_extractor(images, train)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_reference.camanet import randomize_norms_  # noqa: F401  (BN affine + running stats off init)
+
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
@@ -100,18 +102,6 @@ class ResNet(nn.Module):
 def features(model: ResNet) -> nn.Sequential:
   """torchvision's feature-extractor idiom: everything but avgpool and fc."""
   return nn.Sequential(*list(model.children())[:-2])
-
-
-@torch.no_grad()
-def randomize_norms_(model: nn.Module, generator: torch.Generator, scale: float = 0.2) -> None:
-  """Every BN's weight/bias/running_mean/running_var moved off its init (so eval BN is not near identity and a
-  converter that swaps or drops them is caught)."""
-  for mod in model.modules():
-    if isinstance(mod, nn.BatchNorm2d):
-      mod.weight.mul_(1 + scale * torch.randn(mod.weight.shape, generator=generator))
-      mod.bias.add_(scale * torch.randn(mod.bias.shape, generator=generator))
-      mod.running_mean.add_(scale * torch.randn(mod.running_mean.shape, generator=generator))
-      mod.running_var.mul_(1 + scale * torch.rand(mod.running_var.shape, generator=generator))
 
 
 @torch.no_grad()
