@@ -1,10 +1,23 @@
 """Local pretrained checkpoints → Flax modules and variables.
 
-This module is where pretrained backbones are loaded from files already on disk: torchvision ``resnet*.pth``
-now (HF folders later). Nothing is ever downloaded; a path must name an existing local file.
-Reading goes through ``convert.load_state_dict`` (``torch.load(weights_only=True)``) and mapping through
+This module is where pretrained backbones are loaded from files already on disk. Nothing is ever downloaded; a
+path must name an existing local file or folder. One entry point for every kind::
+
+    module, variables = pretrained.load("resnet50", "resnet50-0676ba61.pth")   # torchvision .pth
+    module, variables = pretrained.load("bert", "/models/Bio_ClinicalBERT")      # local HF folders …
+    module, variables = pretrained.load("gpt2", "/models/gpt2", pseudo_self_attention=True)
+
+``load(kind, path, **options)`` dispatches on ``kind`` (``KINDS``):
+  * ``resnet18`` … ``resnet152``: ``load_resnet`` here; the depth named by the kind must be the file's (read from
+    its keys), else ``convert.ConversionError``; option ``widths``.
+  * ``bert``, ``gpt2``, ``swin``, ``bart``: ``rrg_jax.hf_weights.load_<kind>(folder, **options)``, looked up when
+    called, so a loader that lands in hf_weights later works at once; while it is absent ``MissingLoaderError``
+    names it. Options are the loader's keyword arguments (checked against its signature).
+An unknown kind is a ValueError listing the kinds.
+
+ResNet reading goes through ``convert.load_state_dict`` (``torch.load(weights_only=True)``) and mapping through
 ``convert.state_dict_to_variables``, so a mismatch raises one ``convert.ConversionError`` listing every missing,
-unexpected and mis-shaped key.
+unexpected and mis-shaped key; the HF loaders behave the same way (see ``rrg_jax.hf_weights``).
 """
 
 from __future__ import annotations
@@ -71,3 +84,72 @@ def load_resnet(path: str | pathlib.Path, depth: int | None = None, widths: Sequ
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, False), images)
   return model, convert.state_dict_to_variables(state_dict, expected, str(path))
+
+
+# --- one entry point for every kind ---------------------------------------------------------------------------
+
+RESNET_KINDS = tuple(f"resnet{d}" for d in sorted(RESNET_LAYERS))
+# kind → the function of rrg_jax.hf_weights that reads a local HF folder of that model.
+HF_LOADERS = {"bert": "load_bert", "gpt2": "load_gpt2", "swin": "load_swin", "bart": "load_bart"}
+KINDS = RESNET_KINDS + tuple(HF_LOADERS)
+
+
+class MissingLoaderError(convert.ConversionError, NotImplementedError):
+  """The kind is known but its loader is not in ``rrg_jax.hf_weights`` (yet)."""
+
+
+def _check_options(fn: Any, options: Mapping[str, Any], kind: str, fixed: Sequence[str] = ()) -> None:
+  import inspect
+
+  for name in fixed:
+    if name in options:
+      raise TypeError(f"pretrained.load({kind!r}): {name!r} is given by the kind, not an option.")
+  params = inspect.signature(fn).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  accepted = [n for i, (n, p) in enumerate(params.items()) if i > 0 and n not in fixed
+              and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise TypeError(f"pretrained.load({kind!r}): unknown option(s) {unknown}; "
+                    f"{getattr(fn, '__module__', '')}.{fn.__name__} accepts {accepted or 'none'}.")
+
+
+def hf_loader(kind: str):
+  """The ``rrg_jax.hf_weights`` function for an HF ``kind``, looked up now; MissingLoaderError if absent."""
+  import importlib
+
+  name = HF_LOADERS[kind]
+  fn = getattr(importlib.import_module("rrg_jax.hf_weights"), name, None)
+  if not callable(fn):
+    raise MissingLoaderError(f"pretrained.load({kind!r}) needs rrg_jax.hf_weights.{name}, which this version of "
+                             f"rrg_jax does not have yet; available kinds: {', '.join(available_kinds())}.")
+  return fn
+
+
+def available_kinds() -> tuple[str, ...]:
+  """The kinds whose loader exists now (every ResNet; the HF kinds whose hf_weights function is present)."""
+  import importlib
+
+  module = importlib.import_module("rrg_jax.hf_weights")
+  return RESNET_KINDS + tuple(k for k, n in HF_LOADERS.items() if callable(getattr(module, n, None)))
+
+
+def load(kind: str, path: str | pathlib.Path, **options: Any) -> tuple[Any, dict[str, Any]]:
+  """``(module, variables)`` of a local pretrained checkpoint of ``kind`` (see the module docstring)."""
+  if not isinstance(kind, str) or kind.strip().lower() not in KINDS:
+    raise ValueError(f"Unknown pretrained kind {kind!r}; choose one of: {', '.join(KINDS)}.")
+  kind = kind.strip().lower()
+  if kind in RESNET_KINDS:
+    depth = int(kind[len("resnet"):])
+    _check_options(load_resnet, options, kind, fixed=("depth",))
+    module, variables = load_resnet(path, depth=None, **options)
+    if module.depth != depth:
+      raise convert.ConversionError(
+          f"{path} holds a ResNet-{module.depth} ({RESNET_LAYERS[module.depth]} "
+          f"{'Bottleneck' if is_bottleneck(module.depth) else 'BasicBlock'} blocks), not the ResNet-{depth} that "
+          f"kind {kind!r} asks for; use kind 'resnet{module.depth}' or the right file.")
+    return module, variables
+  fn = hf_loader(kind)
+  _check_options(fn, options, kind)
+  return fn(path, **options)
