@@ -15,6 +15,15 @@ in one ConversionError):
     ``attn.bias`` / ``attn.masked_bias`` buffers (and RGRG's ``attn.causal_mask`` / ``attn.mask_out_value``)
     dropped. The Conv1D weights ``c_attn``/``c_proj``/``c_fc`` are stored (in, out) like the Flax kernel, so they
     are transposed here once, to cancel the converter's Linear (out, in) → (in, out) transpose.
+  * Swin: the ``swin.`` prefix of ``SwinForX`` checkpoints stripped, ``classifier.*`` / ``decoder.*`` heads and the
+    unused ``embeddings.mask_token`` dropped; transformers 5.x in-memory names (``attention.q_proj`` …, what
+    ``torch.save(model.state_dict())`` writes) renamed to the on-disk ones; ``relative_position_index`` buffers
+    checked against the recomputed index, then dropped.
+  * BART: the ``model.`` prefix of ``BartForConditionalGeneration`` checkpoints stripped (``BartModel`` keys have
+    none); the tied copies of the word embeddings (``shared.weight``, ``encoder.embed_tokens.weight``,
+    ``decoder.embed_tokens.weight``, ``lm_head.weight`` — a saved file may hold any subset) loaded once as
+    ``shared`` (they must be equal); the ``final_logits_bias`` buffer goes to the ``constants`` collection (zeros
+    when absent, as HF); fairseq's ``encoder.version`` / ``decoder.version`` dropped.
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ import numpy as np
 
 from rrg_jax import convert
 from rrg_jax.convert import ConversionError
+from rrg_jax.layers.bart import BartConfig, BartForConditionalGeneration
 from rrg_jax.layers.bert import BertConfig, BertModel
 from rrg_jax.layers.gpt2 import GPT2Config, GPT2LMHeadModel
 from rrg_jax.layers.linear import Linear, torch_kernel_init
+from rrg_jax.layers.swin import SwinConfig, SwinModel, relative_position_index
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -260,3 +271,168 @@ def load_gpt2(folder: str | pathlib.Path, *, pseudo_self_attention: bool = False
                            position_table=position_table, mask_mode=mask_mode, prefix_dim=prefix_dim,
                            dtype=dtype)
   return module, gpt2_variables(state_dict, module, str(folder), rng=rng)
+
+
+# --- Swin -----------------------------------------------------------------------------------------------------
+
+_SWIN_INDEX = re.compile(r"\.attention\.(?:self|relative_position_bias)\.relative_position_index$")
+_SWIN_DROPPED = re.compile(r"^(classifier\.|decoder\.|embeddings\.mask_token$)")
+# transformers 5.x in-memory spelling → the on-disk spelling save_pretrained writes (= the Flax module names).
+_SWIN_5X = ((re.compile(r"\.attention\.q_proj\."), ".attention.self.query."),
+            (re.compile(r"\.attention\.k_proj\."), ".attention.self.key."),
+            (re.compile(r"\.attention\.v_proj\."), ".attention.self.value."),
+            (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+            (re.compile(r"\.attention\.relative_position_bias\.relative_position_bias_table$"),
+             ".attention.self.relative_position_bias_table"),
+            (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
+            (re.compile(r"\.mlp\.fc2\."), ".output.dense."))
+_SWIN_5X_KEY = re.compile(r"\.(attention\.(q_proj|k_proj|v_proj|o_proj|relative_position_bias)|mlp\.fc[12])\.")
+_SWIN_CLASSIC_KEY = re.compile(r"\.(attention\.(self|output)|intermediate\.dense|blocks\.\d+\.output\.dense)\.")
+
+
+def _swin_renames(state_dict: Mapping[str, np.ndarray]
+                  ) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, np.ndarray]]:
+  """(new key → (checkpoint key, value), relative_position_index buffers by checkpoint key)."""
+  if any(k.startswith("swin.") for k in state_dict):
+    state_dict = {k: v for k, v in state_dict.items() if k.startswith("swin.")}
+  new = sorted(k for k in state_dict if _SWIN_5X_KEY.search(k))
+  classic = sorted(k for k in state_dict if _SWIN_CLASSIC_KEY.search(k) and not _SWIN_INDEX.search(k))
+  if new and classic:
+    raise ConversionError(f"The Swin state_dict mixes the transformers 5.x in-memory key spelling ({new[0]}, …) "
+                          f"with the on-disk one ({classic[0]}, …); a checkpoint uses one of them.")
+  out, buffers = {}, {}
+  for original, value in state_dict.items():
+    key = original[len("swin."):] if original.startswith("swin.") else original
+    if _SWIN_INDEX.search(key):
+      buffers[original] = value
+      continue
+    if _SWIN_DROPPED.search(key):
+      continue
+    for pattern, repl in _SWIN_5X:
+      key = pattern.sub(repl, key)
+    out[key] = (original, value)
+  return out, buffers
+
+
+def swin_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """HF Swin keys → ``SwinModel`` (Flax) keys: ``swin.`` stripped (heads and mask token dropped), 5.x in-memory
+  names renamed to the on-disk ones, ``relative_position_index`` buffers dropped."""
+  return {k: v for k, (_, v) in _swin_renames(state_dict)[0].items()}
+
+
+def swin_expected(module: SwinModel) -> dict[str, Any]:
+  """Shapes/dtypes of ``module.init`` at the config's image size (no computation)."""
+  c = module.config
+  pixels = jax.ShapeDtypeStruct((1, *c.image_size, c.num_channels), jnp.float32)
+  return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), pixels)
+
+
+def swin_variables(state_dict: Mapping[str, np.ndarray], module: SwinModel, source: str = "state_dict"
+                   ) -> dict[str, Any]:
+  """An HF Swin state_dict (numpy; ``swin.`` prefix optional, either key spelling) → ``{"params": ...}``.
+
+  A ``relative_position_index`` buffer in the file (older transformers saved it) must equal the index this port
+  recomputes for ``window_size`` (else ConversionError naming the keys); it is not loaded.
+  """
+  renamed, buffers = _swin_renames(state_dict)
+  want = relative_position_index(module.config.window_size)
+  wrong = [f"{k} {tuple(np.shape(v))}" for k, v in buffers.items()
+           if np.size(v) != want.size or not np.array_equal(np.asarray(v).reshape(-1), want.reshape(-1))]
+  if wrong:
+    raise ConversionError(f"{source}: relative_position_index buffers differ from the index of window_size="
+                          f"{module.config.window_size} ({want.shape}): " + ", ".join(wrong))
+  try:
+    expected = swin_expected(module)
+  except ValueError as e:
+    raise ConversionError(f"{source}: {e}") from e
+  return {"params": _convert(renamed, expected, source, state_dict)["params"]}
+
+
+def load_swin(folder: str | pathlib.Path, *, add_pooling_layer: bool | None = None, dtype: Any = jnp.float32
+              ) -> tuple[SwinModel, dict[str, Any]]:
+  """Local HF Swin folder (``SwinModel`` / ``SwinForImageClassification`` / … weights) → (``SwinModel``,
+  variables). ``add_pooling_layer`` None: True (HF ``SwinModel``'s default; the pooler has no parameters)."""
+  config = read_config(folder)
+  state_dict = read_state_dict(folder)
+  module = SwinModel(_config(SwinConfig, config, folder), add_pooling_layer=(
+      True if add_pooling_layer is None else add_pooling_layer), dtype=dtype)
+  return module, swin_variables(state_dict, module, str(folder))
+
+
+# --- BART -----------------------------------------------------------------------------------------------------
+
+# Tied copies of the word embeddings, in order of preference (a saved file may hold any subset of them).
+_BART_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+_BART_DROPPED = re.compile(r"^(encoder|decoder)\.version$")
+_BART_BIAS = "final_logits_bias"
+
+
+def _bart_renames(state_dict: Mapping[str, np.ndarray]
+                  ) -> tuple[dict[str, tuple[str, np.ndarray]], tuple[str, np.ndarray] | None]:
+  """(params: new key → (checkpoint key, value), the ``final_logits_bias`` (checkpoint key, value) or None).
+
+  ConversionError when two tied embedding copies differ (an untied LM head is not supported)."""
+  out: dict[str, tuple[str, np.ndarray]] = {}
+  bias = None
+  embeddings: dict[str, tuple[str, np.ndarray]] = {}
+  for original, value in state_dict.items():
+    key = original[len("model."):] if original.startswith("model.") else original
+    if key == _BART_BIAS:
+      bias = (original, value)
+    elif key in _BART_EMBEDDINGS:
+      embeddings[key] = (original, value)
+    elif not _BART_DROPPED.search(key):
+      out[key] = (original, value)
+  copies = [embeddings[k] for k in _BART_EMBEDDINGS if k in embeddings]
+  if copies:
+    first_key, first = copies[0]
+    for key, value in copies[1:]:
+      if np.shape(value) != np.shape(first) or not np.array_equal(np.asarray(value), np.asarray(first)):
+        raise ConversionError(f"{key} {tuple(np.shape(value))} differs from {first_key} {tuple(np.shape(first))}: "
+                              "untied word embeddings / LM head are not supported (BART ties them).")
+    out["shared.weight"] = (first_key, first)
+  return out, bias
+
+
+def bart_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """HF BART keys (``BartForConditionalGeneration`` or ``BartModel``) → ``BartForConditionalGeneration`` (Flax)
+  keys: ``model.`` stripped, the tied embedding copies merged into ``shared.weight``, ``*.version`` dropped,
+  ``final_logits_bias`` kept (it goes to the ``constants`` collection)."""
+  renamed, bias = _bart_renames(state_dict)
+  out = {k: v for k, (_, v) in renamed.items()}
+  if bias is not None:
+    out[_BART_BIAS] = bias[1]
+  return out
+
+
+def bart_expected(module: BartForConditionalGeneration) -> dict[str, Any]:
+  """Shapes/dtypes of ``module.init`` (``params`` and ``constants``; no computation)."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda i: module.init(jax.random.key(0), i, None, i), ids)
+
+
+def bart_variables(state_dict: Mapping[str, np.ndarray], module: BartForConditionalGeneration,
+                   source: str = "state_dict") -> dict[str, Any]:
+  """An HF BART state_dict (numpy; ``model.`` prefix optional) → ``{"params": ..., "constants":
+  {"final_logits_bias": (1, V)}}`` for ``module``; a missing ``final_logits_bias`` (``BartModel`` weights) is
+  zeros, as HF initialises it."""
+  renamed, bias = _bart_renames(state_dict)
+  expected = bart_expected(module)
+  params = _convert(renamed, expected, source, state_dict)["params"]
+  want = expected["constants"][_BART_BIAS]
+  if bias is None:
+    value = np.zeros(want.shape, np.float32)
+  else:
+    value = np.asarray(bias[1], np.float32)
+    if value.shape != tuple(want.shape):
+      raise ConversionError(f"{source} does not match the Flax model:\n  1 mis-shaped:\n    {bias[0]} "
+                            f"{value.shape} → constants/{_BART_BIAS}, expected {tuple(want.shape)}")
+  return {"params": params, "constants": {_BART_BIAS: jnp.asarray(value)}}
+
+
+def load_bart(folder: str | pathlib.Path, *, dtype: Any = jnp.float32
+              ) -> tuple[BartForConditionalGeneration, dict[str, Any]]:
+  """Local HF BART folder (``BartForConditionalGeneration`` or ``BartModel`` weights) →
+  (``BartForConditionalGeneration``, ``{"params", "constants"}``)."""
+  module = BartForConditionalGeneration(_config(BartConfig, read_config(folder), folder), dtype=dtype)
+  return module, bart_variables(read_state_dict(folder), module, str(folder))
