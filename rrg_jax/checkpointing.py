@@ -3,7 +3,8 @@
 An *inference checkpoint* is a directory::
 
     DIR/config.json      the resolved ml_collections config (JSON)
-    DIR/vocab.json       the tokenizer vocabulary (input_pipeline.tokenizer.Tokenizer.save)
+    DIR/vocab.json       the vocabulary: a word tokenizer's (input_pipeline.tokenizer.Tokenizer.save) or a subword
+                         tokenizer's descriptor beside DIR/tokenizer.json (input_pipeline.subword)
     DIR/variables/       Orbax checkpoint of {"params": ..., "batch_stats": ...}
 
 A *training workdir* holds ``config.json`` + ``vocab.json`` at its top, its resumable train states under
@@ -78,14 +79,14 @@ def resolve_inference_dir(path: str | pathlib.Path) -> pathlib.Path:
 
 def load_inference(path: str | pathlib.Path):
   """Loads ``(config, variables, tokenizer)`` from an inference checkpoint or a training workdir."""
-  from input_pipeline.tokenizer import Tokenizer  # the input pipeline owns the vocabulary format
+  from input_pipeline import subword  # the input pipeline owns the vocabulary formats (word or subword)
 
   directory = resolve_inference_dir(path)
   config = read_config(directory)
   vocab = directory / VOCAB_FILE
   if not vocab.is_file():
     raise CheckpointError(f"{vocab} not found: the checkpoint has no vocabulary.")
-  tokenizer = Tokenizer.load(vocab)
+  tokenizer = subword.load_tokenizer(vocab)
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(directory / VARIABLES_DIR)
   if int(config.model.vocab_size) != tokenizer.vocab_size:

@@ -102,6 +102,8 @@ def _print(result: dict[str, Any]) -> None:
   print("Heatmaps:")
   for kind, path in result["heatmaps"].items():
     print(f"  {kind}: {path}")
+  if not result["heatmaps"]:
+    print("  (none: the report has no word to show other than '.' and '<unk>')")
   if result["heatmap_words"]:
     print(f"  words: {', '.join(result['heatmap_words'])}")
 

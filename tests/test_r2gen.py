@@ -171,6 +171,12 @@ def test_train_evaluate_generate_on_an_r2gen_workdir(tmp_path, capsys):
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, workdir)
   assert (workdir / "best" / "variables").is_dir()
+  rows = [json.loads(x) for x in (workdir / train.METRICS_FILE).read_text().splitlines()]
+  epoch = next(r for r in rows if r["kind"] == "epoch")
+  assert epoch["score"] == pytest.approx(epoch["val_BLEU_4"]) and epoch["improved"]  # R2Gen's monitor metric
+  assert {"ce", "loss", "lr_ve", "lr_ed"} <= set(next(r for r in rows if r["kind"] == "train"))
+  reports = [json.loads(x) for x in (workdir / train.REPORTS_DIR / "val_epoch001.jsonl").read_text().splitlines()]
+  assert len(reports) == 4 and "probabilities" not in reports[0]
   java = text.java_available
   text.java_available = lambda: False  # METEOR (a JVM per call) is tested in test_metrics.py
   try:
