@@ -10,9 +10,8 @@ path must name an existing local file or folder. One entry point for every kind:
 ``load(kind, path, **options)`` dispatches on ``kind`` (``KINDS``):
   * ``resnet18`` … ``resnet152``: ``load_resnet`` here; the depth named by the kind must be the file's (read from
     its keys), else ``convert.ConversionError``; option ``widths``.
-  * ``bert``, ``gpt2``, ``swin``, ``bart``: ``rrg_jax.hf_weights.load_<kind>(folder, **options)``, looked up when
-    called, so a loader that lands in hf_weights later works at once; while it is absent ``MissingLoaderError``
-    names it. Options are the loader's keyword arguments (checked against its signature).
+  * ``bert``, ``gpt2``, ``swin``, ``bart``: ``rrg_jax.hf_weights.load_<kind>(folder, **options)``; options are the
+    loader's keyword arguments (checked against its signature).
 An unknown kind is a ValueError listing the kinds.
 
 ResNet reading goes through ``convert.load_state_dict`` (``torch.load(weights_only=True)``) and mapping through
@@ -94,10 +93,6 @@ HF_LOADERS = {"bert": "load_bert", "gpt2": "load_gpt2", "swin": "load_swin", "ba
 KINDS = RESNET_KINDS + tuple(HF_LOADERS)
 
 
-class MissingLoaderError(convert.ConversionError, NotImplementedError):
-  """The kind is known but its loader is not in ``rrg_jax.hf_weights`` (yet)."""
-
-
 def _check_options(fn: Any, options: Mapping[str, Any], kind: str, fixed: Sequence[str] = ()) -> None:
   import inspect
 
@@ -115,26 +110,6 @@ def _check_options(fn: Any, options: Mapping[str, Any], kind: str, fixed: Sequen
                     f"{getattr(fn, '__module__', '')}.{fn.__name__} accepts {accepted or 'none'}.")
 
 
-def hf_loader(kind: str):
-  """The ``rrg_jax.hf_weights`` function for an HF ``kind``, looked up now; MissingLoaderError if absent."""
-  import importlib
-
-  name = HF_LOADERS[kind]
-  fn = getattr(importlib.import_module("rrg_jax.hf_weights"), name, None)
-  if not callable(fn):
-    raise MissingLoaderError(f"pretrained.load({kind!r}) needs rrg_jax.hf_weights.{name}, which this version of "
-                             f"rrg_jax does not have yet; available kinds: {', '.join(available_kinds())}.")
-  return fn
-
-
-def available_kinds() -> tuple[str, ...]:
-  """The kinds whose loader exists now (every ResNet; the HF kinds whose hf_weights function is present)."""
-  import importlib
-
-  module = importlib.import_module("rrg_jax.hf_weights")
-  return RESNET_KINDS + tuple(k for k, n in HF_LOADERS.items() if callable(getattr(module, n, None)))
-
-
 def load(kind: str, path: str | pathlib.Path, **options: Any) -> tuple[Any, dict[str, Any]]:
   """``(module, variables)`` of a local pretrained checkpoint of ``kind`` (see the module docstring)."""
   if not isinstance(kind, str) or kind.strip().lower() not in KINDS:
@@ -150,6 +125,8 @@ def load(kind: str, path: str | pathlib.Path, **options: Any) -> tuple[Any, dict
           f"{'Bottleneck' if is_bottleneck(module.depth) else 'BasicBlock'} blocks), not the ResNet-{depth} that "
           f"kind {kind!r} asks for; use kind 'resnet{module.depth}' or the right file.")
     return module, variables
-  fn = hf_loader(kind)
+  from rrg_jax import hf_weights  # pylint: disable=g-import-not-at-top
+
+  fn = getattr(hf_weights, HF_LOADERS[kind])
   _check_options(fn, options, kind)
   return fn(path, **options)

@@ -186,29 +186,6 @@ def test_unknown_kind(kind, tmp_path):
     pretrained.load(kind, tmp_path)
 
 
-def test_missing_loader_is_named(monkeypatch, tmp_path):
-  monkeypatch.delattr(hf_weights, "load_bart", raising=False)
-  assert "bart" not in pretrained.available_kinds() and "bert" in pretrained.available_kinds()
-  with pytest.raises(pretrained.MissingLoaderError, match=r"rrg_jax\.hf_weights\.load_bart") as e:
-    pretrained.load("bart", tmp_path)
-  assert isinstance(e.value, convert.ConversionError) and isinstance(e.value, NotImplementedError)
-
-
-def test_loader_is_looked_up_when_called(monkeypatch, tmp_path):
-  """A loader that lands in hf_weights after pretrained was imported is used at once."""
-  calls = []
-
-  def load_swin(folder, *, flag=False):
-    calls.append((folder, flag))
-    return "module", {"params": {}}
-
-  monkeypatch.setattr(hf_weights, "load_swin", load_swin, raising=False)
-  assert pretrained.load("swin", tmp_path, flag=True) == ("module", {"params": {}})
-  assert calls == [(tmp_path, True)]
-  with pytest.raises(TypeError, match=r"unknown option\(s\) \['other'\].*accepts \['flag'\]"):
-    pretrained.load("swin", tmp_path, other=1)
-
-
 def test_bad_options_and_paths(resnet18, tmp_path):
   _, path = resnet18
   with pytest.raises(TypeError, match="'depth' is given by the kind"):
@@ -222,3 +199,17 @@ def test_bad_options_and_paths(resnet18, tmp_path):
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
   with pytest.raises(convert.ConversionError, match="junk.pth"):
     pretrained.load("resnet50", tmp_path / "junk.pth")
+
+
+def test_loader_options_are_checked_against_its_signature(monkeypatch, tmp_path):
+  calls = []
+
+  def load_swin(folder, *, flag=False):
+    calls.append((folder, flag))
+    return "module", {"params": {}}
+
+  monkeypatch.setattr(hf_weights, "load_swin", load_swin)
+  assert pretrained.load("swin", tmp_path, flag=True) == ("module", {"params": {}})
+  assert calls == [(tmp_path, True)]
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['other'\].*accepts \['flag'\]"):
+    pretrained.load("swin", tmp_path, other=1)
