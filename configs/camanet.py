@@ -63,13 +63,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.model.topk = 0.25
   elif preset in ("iu_xray", "base", "vdmae"):
     c.seed = 2401
-    c.data.name = "iu_xray"
-    c.data.data_dir = "data/iu_xray"
-    c.data.label_key = "iu"
-    c.data.num_views = 2
-    c.data.clean = "iu"
-    c.data.threshold = 3
-    c.data.max_seq_length = 60
+    common.set_iu_xray_data(c.data)
     c.data.augment = "flip"
     c.model.num_classes = 14
     c.model.topk = 0.25
@@ -89,13 +83,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       c.model.use_vtac = False
   elif preset == "mimic_cxr":
     c.seed = 456789
-    c.data.name = "mimic_cxr"
-    c.data.data_dir = "data/mimic_cxr"
-    c.data.label_key = "id"
-    c.data.num_views = 1
-    c.data.clean = "mimic"
-    c.data.threshold = 10
-    c.data.max_seq_length = 100
+    common.set_mimic_cxr_data(c.data)
     c.data.augment = "rotate_scale"
     c.model.num_classes = 14
     c.model.topk = 0.3

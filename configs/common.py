@@ -63,6 +63,28 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
+def set_iu_xray_data(d: ml_collections.ConfigDict) -> None:
+  """IU X-Ray in the R2Gen layout: two views, IU cleaning, label key = the study (first two id pieces)."""
+  d.name = "iu_xray"
+  d.data_dir = "data/iu_xray"
+  d.label_key = "iu"
+  d.num_views = 2
+  d.clean = "iu"
+  d.threshold = 3
+  d.max_seq_length = 60
+
+
+def set_mimic_cxr_data(d: ml_collections.ConfigDict) -> None:
+  """MIMIC-CXR in the R2Gen layout: one view (image_path[0]), MIMIC cleaning, threshold 10, 100 tokens."""
+  d.name = "mimic_cxr"
+  d.data_dir = "data/mimic_cxr"
+  d.label_key = "id"
+  d.num_views = 1
+  d.clean = "mimic"
+  d.threshold = 10
+  d.max_seq_length = 100
+
+
 def add_memory_driven_transformer(m: ml_collections.ConfigDict) -> None:
   """The R2Gen memory-driven transformer's hyper-parameters (R2Gen's and CAMANet's defaults) on ``config.model``."""
   m.vocab_size = -1                     # K = |vocab| + 1; filled from the tokenizer at start-up

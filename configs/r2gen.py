@@ -60,20 +60,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.train.log_every_steps = 1
     c.data.threshold = 2
   elif preset == "iu_xray":               # train_iu_xray.sh (the values above are its own)
-    c.data.name = "iu_xray"
-    c.data.data_dir = "data/iu_xray"
-    c.data.label_key = "iu"
-    c.data.num_views = 2
-    c.data.clean = "iu"
-    c.data.threshold = 3
-    c.data.max_seq_length = 60
+    common.set_iu_xray_data(c.data)
   elif preset == "mimic_cxr":             # train_mimic_cxr.sh
-    c.data.name = "mimic_cxr"
-    c.data.data_dir = "data/mimic_cxr"
-    c.data.num_views = 1
-    c.data.clean = "mimic"
-    c.data.threshold = 10
-    c.data.max_seq_length = 100
+    common.set_mimic_cxr_data(c.data)
     c.train.epochs = 30
     c.optim.decay_epochs = 1
     c.optim.decay_rate = 0.8

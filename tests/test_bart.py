@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
+from numerics import check
 from rrg_jax import hf_weights
 from rrg_jax.convert import ConversionError
 from rrg_jax.layers.bart import BartConfig, BartForConditionalGeneration
@@ -43,30 +44,6 @@ PAD = 1
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def _rel(got, want) -> tuple[float, float]:
-  diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-  return diff, diff / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-
-
-def check(name, got, want, *, rtol=None, atol=None, exact=None) -> float:
-  """max|got − want| ≤ atol or ≤ rtol·max|want|; otherwise (float64 noise-floor rule) JAX must be at most 1.5× as
-  far from the float64 result ``exact`` as torch float32 is."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (name, got.shape, want.shape)
-  diff, rel = _rel(got, want)
-  noise = ""
-  if exact is not None:
-    exact = np.asarray(exact, np.float64)
-    (jax_abs, jax_rel), (torch_abs, torch_rel) = _rel(got, exact), _rel(want, exact)
-    noise = (f"; vs float64: jax max_abs={jax_abs:.3e} rel={jax_rel:.3e}, torch32 max_abs={torch_abs:.3e} "
-             f"rel={torch_rel:.3e}")
-  print(f"PARITY {name}: max_abs={diff:.3e} rel={rel:.3e}{noise}")
-  if (atol is None or diff <= atol) and (rtol is None or rel <= rtol):
-    return diff
-  assert exact is not None, f"{name}: max abs diff {diff:.3e}, relative {rel:.3e} > atol {atol} / rtol {rtol}"
-  jax_err, torch_err = (jax_abs, torch_abs) if atol is not None else (jax_rel, torch_rel)
-  assert jax_err <= 1.5 * torch_err, f"{name}: {diff:.3e} and JAX {jax_err:.3e} > 1.5 × torch32 {torch_err:.3e}"
-  return diff
 
 
 def check_grads(name, got, want, tol=1e-4, zero_tol=1e-6) -> float:

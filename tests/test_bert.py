@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from hostile import RunsCode
 from numerics import check
 from rrg_jax import hf_weights
 from rrg_jax.convert import ConversionError
@@ -241,21 +242,11 @@ def test_truncated_safetensors(tiny, tmp_path):
     hf_weights.read_state_dict(tmp_path)
 
 
-class _RunsCode:
-  """Unpickling this would call os.system (never executed: weights_only refuses the global)."""
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return os.system, (f"touch {self.marker}",)
-
-
 def test_code_running_pickle_refused(tiny, tmp_path):
   _, folder = tiny
   marker = tmp_path / "pwned"
   shutil.copy(os.path.join(folder, "config.json"), tmp_path)
-  torch.save({"embeddings.word_embeddings.weight": torch.zeros(3), "evil": _RunsCode(marker)},
+  torch.save({"embeddings.word_embeddings.weight": torch.zeros(3), "evil": RunsCode(marker)},
              tmp_path / "pytorch_model.bin")
   with pytest.raises(ConversionError, match=r"pytorch_model\.bin was refused: it pickles objects other than "
                                             r"tensors.*code could run on load"):

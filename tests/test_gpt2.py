@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
+from hostile import RunsCode
 from numerics import check
 from rrg_jax import hf_weights
 from rrg_jax.convert import ConversionError
@@ -364,21 +365,11 @@ def test_truncated_safetensors(tiny, tmp_path):
     hf_weights.load_gpt2(tmp_path)
 
 
-class _RunsCode:
-  """Unpickling this would call os.system (never executed: weights_only refuses the global)."""
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return os.system, (f"touch {self.marker}",)
-
-
 def test_code_running_pickle_refused(tiny, tmp_path):
   _, folder, *_ = tiny
   marker = tmp_path / "pwned"
   shutil.copy(os.path.join(folder, "config.json"), tmp_path)
-  torch.save({"transformer.wte.weight": torch.zeros(3), "x": _RunsCode(marker)}, tmp_path / "pytorch_model.bin")
+  torch.save({"transformer.wte.weight": torch.zeros(3), "x": RunsCode(marker)}, tmp_path / "pytorch_model.bin")
   with pytest.raises(ConversionError, match=r"pytorch_model\.bin was refused.*code could run on load"):
     hf_weights.load_gpt2(tmp_path)
   assert not marker.exists()
