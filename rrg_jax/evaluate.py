@@ -42,13 +42,13 @@ _ID_BYTES = 256
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """Names of the ``config.model.num_classes`` classifier outputs: ``config.data.class_names`` when set, the 14
   CheXpert observations for 14 classes, else the ``classes`` of the data's labels.json, else ``class_<i>``."""
-  n = int(config.model.get("num_classes", 0))
+  from input_pipeline import loader, records  # pylint: disable=g-import-not-at-top
+
+  n = loader.num_classes(config)
   names = list(config.data.get("class_names", None) or ())
   if not names and n == len(clinical.OBSERVATIONS):
     names = list(clinical.OBSERVATIONS)
   if not names and config.data.get("labels", ""):
-    from input_pipeline import records  # pylint: disable=g-import-not-at-top
-
     path = records.resolve_data_dir(config.data.data_dir) / config.data.labels
     try:
       names = list(records.read_labels(path)[0] or ())

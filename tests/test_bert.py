@@ -38,7 +38,6 @@ BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attenti
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
-
 def make_hf(config: dict, seed: int) -> transformers.BertModel:
   """Random-weight HF BertModel (eager attention, eval); LayerNorms and biases moved off their (1, 0) init."""
   hf_config = transformers.BertConfig(**config)

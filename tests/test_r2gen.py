@@ -196,3 +196,25 @@ def test_train_evaluate_generate_on_an_r2gen_workdir(tmp_path, capsys):
   assert "findings" not in result and "vdm" not in result["heatmaps"]
   if result["heatmap_words"]:
     assert pathlib.Path(result["heatmaps"]["words"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pretrained_backbone_loads_a_local_torchvision_resnet(tmp_path):
+  """``config.model.pretrained_backbone`` (System.load_pretrained): a torchvision-named ResNet file lands in
+  ``visual_extractor/model``; nothing else changes; a missing file is a ConversionError naming it."""
+  config = tiny_r2gen_config()
+  tnet = resnet_ref.ResNet(18, tuple(config.model.resnet_widths))
+  torch.save(tnet.state_dict(), tmp_path / "resnet18.pth")
+  variables = jax.device_get(models.get_system(config).init(jax.random.key(0)))
+  assert models.get_system(config).load_pretrained(variables) is variables  # "" = random init
+  config.model.pretrained_backbone = str(tmp_path / "resnet18.pth")
+  got = models.get_system(config).load_pretrained(variables)
+  np.testing.assert_array_equal(got["params"]["visual_extractor"]["model"]["layer2_0"]["downsample_0"]["kernel"],
+                                tnet.layer2[0].downsample[0].weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(got["batch_stats"]["visual_extractor"]["model"]["bn1"]["var"],
+                                tnet.bn1.running_var.numpy())
+  for a, b in zip(jax.tree.leaves(got["params"]["encoder_decoder"]),
+                  jax.tree.leaves(variables["params"]["encoder_decoder"])):
+    np.testing.assert_array_equal(a, b)
+  config.model.pretrained_backbone = str(tmp_path / "absent.pth")
+  with pytest.raises(convert.ConversionError, match="absent.pth"):
+    models.get_system(config).load_pretrained(variables)

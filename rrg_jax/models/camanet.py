@@ -189,6 +189,7 @@ def camanet_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], *, 
 class CAMANetSystem(EncoderDecoderSystem):
   """CAMANet (IEEE JBHI 2024): DenseNet-121 + CAM/VDM discriminative token + R2Gen transformer + VTAC loss."""
   module_class = CAMANet
+  pretrained_backbone_kind = "densenet"   # config.model.pretrained_backbone: a torchvision densenet121 .pth
   forward_fields = ("images", "targets", "masks")
   report_outputs = ("probs", "vdm")
 
@@ -203,10 +204,3 @@ class CAMANetSystem(EncoderDecoderSystem):
   def word_attention_layer(self) -> int:
     """VTAC's decoder layer, ``config.model.layer_id``."""
     return int(self.config.model.layer_id)
-
-  def load_pretrained(self, variables):
-    """``config.model.pretrained_backbone``: a local torchvision ``densenet121`` file for the backbone."""
-    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
-
-    path = self.config.model.get("pretrained_backbone", "")
-    return convert.load_torchvision_backbone(path, variables, kind="densenet") if path else variables

@@ -94,6 +94,7 @@ class R2Gen(EncoderDecoderModel):
 class R2GenSystem(EncoderDecoderSystem):
   """R2Gen (EMNLP 2020): ResNet-101 + memory-driven transformer; the base of CAMANet and Align2Gen."""
   module_class = R2Gen
+  pretrained_backbone_kind = "resnet"   # config.model.pretrained_backbone: a torchvision resnet* .pth
   forward_fields = ("images", "targets")
   # The official state_dict keeps the ResNet as nn.Sequential(children()[:-2]): 0 conv1, 1 bn1, 4–7 layer1–4.
   torch_key_renames = (
@@ -107,10 +108,3 @@ class R2GenSystem(EncoderDecoderSystem):
     """R2Gen's ``compute_loss``: the token-level mean NLL (``losses.cross_entropy``)."""
     ce = losses.cross_entropy(outputs["logprobs"], batch["targets"], batch["masks"])
     return ce, {"ce": ce, "loss": ce}
-
-  def load_pretrained(self, variables):
-    """``config.model.pretrained_backbone``: a local torchvision ``resnet*.pth`` (ImageNet) for the backbone."""
-    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
-
-    path = self.config.model.get("pretrained_backbone", "")
-    return convert.load_torchvision_backbone(path, variables, kind="resnet") if path else variables

@@ -15,7 +15,8 @@ config.model)``. What a new system implements — everything else has a default 
                            extras (``report_outputs``: e.g. class probabilities, the VDM)
 ``torch_vocab_key``,       the checkpoint converter: the key whose first dimension is the vocabulary, regex
 ``torch_key_renames``      renames from the original state_dict to the Flax naming rule of ``rrg_jax.convert``
-``load_pretrained(v)``     the local pretrained backbone named by the config (nothing is downloaded)
+``pretrained_backbone_``   the torchvision backbone kind that ``config.model.pretrained_backbone`` names
+``kind``                   (``load_pretrained``; nothing is downloaded)
 =========================  ================================================================================
 
 Configuration, not code, decides the rest for every system: parameter groups, learning rates, schedules and
@@ -66,6 +67,7 @@ class System:
   report_outputs: ClassVar[tuple[str, ...]] = ()
   torch_vocab_key: ClassVar[str] = ""
   torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+  pretrained_backbone_kind: ClassVar[str] = ""   # convert.BACKBONE_KINDS: "densenet" | "resnet"
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -122,8 +124,15 @@ class System:
     raise NotImplementedError(f"{type(self).__name__}.loss")
 
   def load_pretrained(self, variables: dict[str, Any]) -> dict[str, Any]:
-    """``variables`` with the configured local pretrained weights copied in (default: none)."""
-    return variables
+    """``variables`` with ``config.model.pretrained_backbone`` (a local torchvision file of kind
+    ``pretrained_backbone_kind``) copied into the ``visual_extractor/model`` backbone; unchanged when either is
+    empty."""
+    from rrg_jax import convert  # pylint: disable=g-import-not-at-top
+
+    path = self.config.model.get("pretrained_backbone", "")
+    if not path or not self.pretrained_backbone_kind:
+      return variables
+    return convert.load_torchvision_backbone(path, variables, kind=self.pretrained_backbone_kind)
 
   # --- decoding -----------------------------------------------------------------------------------------------
 
