@@ -22,6 +22,9 @@ Batches (host-local numpy; ``Bl = config.train.batch_size // jax.process_count()
     valid    bool    (Bl,)             eval only: False on the padding rows of the last batch
     ids      list[str] (Bl)            host-only record ids ("" on padding rows); never pass it to jit
 
+plus the arrays of each feature in ``config.data.features`` (``input_pipeline.features``, default none), e.g.
+``lesion_regions``: ``regions`` float32 (Bl, M, R, R, 3) and ``region_valid`` bool (Bl, M).
+
 Sources. ``config.data.source = "folder"`` reads the R2Gen folder ``config.data.data_dir`` directly
 (``""`` = the embedded sample); ``"tfds"`` reads the ArrayRecord files of the TFDS builder
 ``config.data.name`` (``input_pipeline.tfds_builders``) from ``config.data.tfds_dir`` (``""`` =
@@ -54,7 +57,7 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from input_pipeline import records, transforms
+from input_pipeline import features, records, transforms
 from input_pipeline.tokenizer import Tokenizer
 
 SOURCES = ("folder", "tfds")
@@ -66,10 +69,11 @@ _ENDLESS = sys.maxsize // 2
 
 @functools.lru_cache(maxsize=16)
 def _load_split_cached(data_dir: str, split: str, annotation: str, labels: str, label_key_rule: str,
-                       num_views: int, num_classes: int, on_bad_record: str) -> tuple[records.Record, ...]:
+                       num_views: int, num_classes: int, on_bad_record: str,
+                       box_format: str | None) -> tuple[records.Record, ...]:
   return tuple(records.load_split(data_dir, split, annotation=annotation, labels=labels,
                                   label_key_rule=label_key_rule, num_views=num_views, num_classes=num_classes,
-                                  on_bad_record=on_bad_record))
+                                  on_bad_record=on_bad_record, box_format=box_format))
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -81,7 +85,8 @@ def load_records(config: ml_collections.ConfigDict, split: str) -> list[records.
   """The validated records of ``split`` of the R2Gen folder ``config.data.data_dir`` (cached per process)."""
   d = config.data
   return list(_load_split_cached(str(records.resolve_data_dir(d.data_dir)), split, d.annotation, d.labels,
-                                 d.label_key, int(d.num_views), num_classes(config), d.on_bad_record))
+                                 d.label_key, int(d.num_views), num_classes(config), d.on_bad_record,
+                                 features.box_format(config)))
 
 
 def default_tfds_dir() -> pathlib.Path:
@@ -169,7 +174,8 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
 # --- examples and batches -----------------------------------------------------------------------------------
 
 class _Prepare:
-  """Raw example → model example: decoded, transformed views, encoded and padded report, label vector."""
+  """Raw example → model example: decoded, transformed views, encoded and padded report, label vector, and the
+  configured features (computed from the untransformed first view, after the transforms' random draws)."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, train: bool):
     d = config.data
@@ -179,6 +185,7 @@ class _Prepare:
     self.max_len = int(d.max_seq_length)
     self.num_classes = num_classes(config)
     self.augment, self.resize, self.image_size = d.augment, int(d.resize), int(d.image_size)
+    self.features = features.build(config)
 
   def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
     rid = raw["id"]
@@ -200,13 +207,19 @@ class _Prepare:
     if labels.shape != (self.num_classes,):
       raise records.DataError(f"Record {rid!r}: label vector of length {labels.size}, config.model.num_classes="
                               f"{self.num_classes}.")
-    return {"images": images, "targets": targets, "masks": masks, "labels": labels, "id": rid}
+    example = {"images": images, "targets": targets, "masks": masks, "labels": labels, "id": rid}
+    for feature in self.features:
+      example.update(feature(raw, views[0], rng))
+    return example
 
   def padding(self) -> dict[str, Any]:
     s = self.image_size
-    return {"images": np.zeros((self.num_views, s, s, 3), np.float32),
-            "targets": np.zeros((self.max_len,), np.int32), "masks": np.zeros((self.max_len,), np.float32),
-            "labels": np.zeros((self.num_classes,), np.float32), "id": ""}
+    example = {"images": np.zeros((self.num_views, s, s, 3), np.float32),
+               "targets": np.zeros((self.max_len,), np.int32), "masks": np.zeros((self.max_len,), np.float32),
+               "labels": np.zeros((self.num_classes,), np.float32), "id": ""}
+    for feature in self.features:
+      example.update(feature.padding())
+    return example
 
 
 def collate(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

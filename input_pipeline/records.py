@@ -17,6 +17,10 @@ problems — a missing, unreadable or corrupt image file, too few images, an emp
 Images are checked when the split is loaded by reading their header (and, for PNG, every chunk's CRC via
 PIL ``verify``); damage that only full decoding reveals raises ``DataError`` at decoding time.
 
+Boxes. With ``load_split(..., box_format=...)`` (the loader passes it when a configured feature reads boxes,
+``input_pipeline.features``) a record's optional ``boxes``/``scores``/``height``/``width`` are validated by
+``input_pipeline.boxes.parse_box_fields`` (a bad box is a per-record problem) and kept as ``Record.boxes``.
+
 Images. ``decode_image`` returns mode ``"L"`` (any grayscale) or ``"RGB"`` (anything else, via PIL
 ``convert("RGB")``). 16-bit grayscale (PIL modes ``I;16*``/``I``) is mapped linearly from the full 16-bit range
 to 8 bits, ``round(v * 255 / 65535)`` — the PNG convention that samples of lower bit depths are scaled to the
@@ -33,11 +37,14 @@ import io
 import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
 from absl import logging
+
+if TYPE_CHECKING:
+  from input_pipeline.boxes import BoxSet
 
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample_data"
 SPLITS = ("train", "val", "test")
@@ -55,11 +62,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One study. ``image_paths`` are absolute; ``labels`` float32 (C,) (C = 0 without labels.json)."""
+  """One study. ``image_paths`` are absolute; ``labels`` float32 (C,) (C = 0 without labels.json); ``boxes``
+  the annotation's box fields (``input_pipeline.boxes``), None when the record has none or they were not read."""
   id: str
   report: str
   image_paths: tuple[str, ...]
   labels: np.ndarray
+  boxes: BoxSet | None = None
 
 
 def resolve_data_dir(data_dir: str | pathlib.Path) -> pathlib.Path:
@@ -191,8 +200,17 @@ def _bad(on_bad_record: str, problems: list[str], where: str) -> None:
 
 def load_split(data_dir: str | pathlib.Path, split: str, *, annotation: str = "annotation.json",
                labels: str = "labels.json", label_key_rule: str = "id", num_views: int = 1,
-               num_classes: int | None = None, on_bad_record: str = "error") -> list[Record]:
-  """The validated records of ``split`` (annotation order); see the module docstring for the rules."""
+               num_classes: int | None = None, on_bad_record: str = "error",
+               box_format: str | None = None) -> list[Record]:
+  """The validated records of ``split`` (annotation order); see the module docstring for the rules.
+
+  ``box_format`` (``input_pipeline.boxes.FORMATS``): read and validate the records' box fields in that layout (a
+  bad box is a per-record problem); None leaves them unread.
+  """
+  from input_pipeline import boxes  # pylint: disable=g-import-not-at-top  (boxes imports this module)
+
+  if box_format is not None:
+    boxes.check_format(box_format)
   if on_bad_record not in ON_BAD_RECORD:
     raise DataError(f"config.data.on_bad_record={on_bad_record!r}; choose one of {ON_BAD_RECORD}.")
   root = resolve_data_dir(data_dir)
@@ -225,8 +243,15 @@ def load_split(data_dir: str | pathlib.Path, split: str, *, annotation: str = "a
     if len(r["image_path"]) < num_views:
       problems.append(f"{where}: {len(r['image_path'])} image(s) listed, {num_views} view(s) needed.")
       continue
+    box_set = None
+    if box_format is not None:
+      try:
+        box_set = boxes.parse_box_fields(r, box_format=box_format, where=where)
+      except DataError as e:
+        problems.append(str(e))
+        continue
     paths = tuple(str(images / p) for p in r["image_path"][:num_views])
-    candidates.append(Record(rid, r["report"], paths, vec))
+    candidates.append(Record(rid, r["report"], paths, vec, box_set))
   flat = [p for rec in candidates for p in rec.image_paths]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     status = dict(zip(flat, pool.map(image_problem, flat)))
@@ -253,7 +278,8 @@ class FolderSource(Sequence):
   """Grain random-access source over records: item ``i`` is the raw example of ``records[i]``.
 
   Raw example: ``{"id": str, "report": str, "images": tuple[bytes] (V encoded files), "image_names":
-  tuple[str], "labels": float32 (C,)}`` — the same dict the TFDS source yields.
+  tuple[str], "labels": float32 (C,)}`` — the same dict the TFDS source yields — plus ``"boxes":
+  boxes.BoxSet`` for records whose box fields were read (folder source only).
   """
 
   def __init__(self, records: Sequence[Record]):
@@ -264,5 +290,8 @@ class FolderSource(Sequence):
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     rec = self.records[i]
-    return {"id": rec.id, "report": rec.report, "images": tuple(read_bytes(p) for p in rec.image_paths),
-            "image_names": rec.image_paths, "labels": rec.labels}
+    raw = {"id": rec.id, "report": rec.report, "images": tuple(read_bytes(p) for p in rec.image_paths),
+           "image_names": rec.image_paths, "labels": rec.labels}
+    if rec.boxes is not None:
+      raw["boxes"] = rec.boxes
+    return raw
