@@ -41,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrg_jax.layers import kv_cache
-
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 EOS = 0
 FINISHED_PENALTY = 1000.0
@@ -99,6 +97,18 @@ def _select(carry: _Carry, logp: jax.Array, t: jax.Array, beam_size: int, max_le
   return carry, parent
 
 
+def _reorder(state: Any, parent: jax.Array) -> Any:
+  """Rows ``b * W + j`` of every state leaf (B·W, ...) ← rows ``b * W + parent[b, j]``."""
+  b, w = parent.shape
+
+  def gather(x):
+    x = x.reshape((b, w) + x.shape[1:])
+    idx = parent.reshape((b, w) + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1).reshape((b * w,) + x.shape[2:])
+
+  return jax.tree.map(gather, state)
+
+
 def _finished(carry: _Carry) -> jax.Array:
   """True when no later hypothesis can beat the recorded best of any image (see the module docstring)."""
   return jnp.all(carry.has_best & (carry.best_score >= jnp.max(carry.beam_sum, axis=1)))
@@ -120,7 +130,7 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, beam_size:
                  has_best=jnp.zeros((b,), bool))
   carry, _ = _select(carry, logp.astype(jnp.float32)[:, None], jnp.int32(0), beam_size, max_len)
   carry = dataclasses.replace(carry, t=jnp.ones((), jnp.int32))
-  state = kv_cache.expand_rows(state, beam_size)
+  state = jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), state)
 
   def cond(loop):
     carry, _ = loop
@@ -132,7 +142,7 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, beam_size:
     logp, state = step_fn(state, carry.tokens.reshape(-1))
     logp = logp.astype(jnp.float32).reshape(b, beam_size, -1)
     carry, parent = _select(carry, logp, carry.t, beam_size, max_len)
-    return dataclasses.replace(carry, t=carry.t + 1), kv_cache.reorder_rows(state, parent)
+    return dataclasses.replace(carry, t=carry.t + 1), _reorder(state, parent)
 
   carry, _ = jax.lax.while_loop(cond, body, (carry, state))
   return Decoded(carry.best_tokens, carry.best_score, carry.t)
@@ -220,8 +230,7 @@ def encode_and_decode(model: nn.Module, variables: Any, images: jax.Array, *, me
 # decoder-only model — and ``max_length`` counts it (HF's ``max_length``). The first ``step_fn`` call feeds
 # ``prompt[:, -1]`` to ``init_state`` (leading dim B; everything before that token already processed); beam search
 # first repeats the state ``num_beams`` times (rows ``b * num_beams + k``, as HF expands its inputs) and reorders
-# it every step (``layers.kv_cache.reorder_rows``: a gather of plain leaves; a ``BeamKV`` cache only gathers its
-# beam table).
+# it by a gather every step.
 # One ``jax.lax.while_loop``, static shapes (sequences are (B, K, max_length) buffers), jit-compatible.
 #
 # Beam search, step at current length c (transformers 5.23.0 `GenerationMixin._beam_search`):
@@ -496,7 +505,7 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
 
   # As HF: the state is repeated to B·K rows up front; at the first step beams 1..K−1 (identical rows) start at
   # −1e9, so the candidates come from beam 0 — one loop body for every step.
-  state = kv_cache.expand_rows(init_state, k)
+  state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), init_state)
 
   def body(loop):
     carry, state = loop
@@ -507,7 +516,7 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
       raise ValueError(f"vocabulary size {logits.shape[-1]} too small for {n_keep} candidates")
     logp = process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), flat, c)
     carry, parent = select(carry, logp.reshape(b, k, -1))
-    return carry, kv_cache.reorder_rows(state, parent)
+    return carry, _reorder(state, parent)
 
   carry, _ = jax.lax.while_loop(lambda loop: ~loop[0].done, body, (carry, state))
   return HFDecoded(carry.seqs[:, 0], carry.scores[:, 0], carry.lengths[:, 0], carry.cur_len - l0)
@@ -583,13 +592,26 @@ def bart_step_fns(model: nn.Module, variables: Any, encoder_hidden_states: jax.A
 
 def _gpt2_padded_step(module, layers, token, index, positions, valid):
   """GPT2LMHeadModel one-token step (eval) with per-row position ids and a key-validity mask (left padding):
-  token at cache slot ``index`` (a scalar), position id ``positions`` (N,); slots ≤ index with ``valid[:, j]``
-  (and the pseudo self-attention prefix slot, if any) are visible → (logits (N, V), layers)."""
+  token at cache slot ``index`` (B,), position id ``positions`` (B,); keys j ≤ index with ``valid[:, j]``
+  (and the pseudo self-attention prefix slot, if any) are visible → (logits (B, V), layers)."""
   x = module.embed(token[:, None], positions[:, None])
   out = []
   for block, cache in zip(module.h, layers):
-    x, cache = block.step(x, cache, index, valid)
-    out.append(cache)
+    q, k_new, v_new = block.attn.qkv(block.ln_1(x))
+    slots = jnp.arange(cache["k"].shape[2])
+    write = (slots[None, :] == index[:, None])[:, None, :, None]
+    k = jnp.where(write, k_new, cache["k"])
+    v = jnp.where(write, v_new, cache["v"])
+    allowed = (slots[None, :] <= index[:, None])[:, None, None, :]
+    keys, values, key_valid = k, v, valid
+    if "prefix_k" in cache:
+      keys = jnp.concatenate([cache["prefix_k"], k], axis=2)
+      values = jnp.concatenate([cache["prefix_v"], v], axis=2)
+      allowed = jnp.concatenate([jnp.ones_like(allowed[..., :1]), allowed], axis=-1)
+      key_valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
+    x = x + block.attn.attend(q, keys, values, allowed, key_valid, deterministic=True)
+    x = x + block.mlp(block.ln_2(x), deterministic=True)
+    out.append({**cache, "k": k, "v": v})
   return module.head(module.ln_f(x))[:, 0], out
 
 
@@ -613,7 +635,7 @@ def gpt2_step_fns(model: nn.Module, variables: Any, input_ids: jax.Array, attent
   def step(state, tokens):
     index = state["index"]
     positions = jnp.take_along_axis(state["positions"], index[:, None], axis=1)[:, 0]
-    logits, layers = model.apply(variables, state["layers"], tokens, index[0], positions, state["valid"],
+    logits, layers = model.apply(variables, state["layers"], tokens, index, positions, state["valid"],
                                  method=_gpt2_padded_step)
     return logits, {**state, "layers": layers, "index": index + 1}
 

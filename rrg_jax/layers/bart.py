@@ -27,8 +27,7 @@ project-wide converter rule instead.)
 
 KV-cached decoding: ``init_cache(encoder_hidden_states, encoder_attention_mask, max_len)`` projects the
 cross-attention keys/values once; ``decode_step(cache, token)`` advances every row by one token. Every cache leaf
-has leading dim B; ``index`` (B,) is the next position (every row advances together). Each layer's self-attention
-keys/values are a ``layers.kv_cache.BeamKV``, which beam search reorders without moving them.
+has leading dim B (so a beam search can reorder rows with a gather); ``index`` (B,) is each row's next position.
 
 Parameters are float32; matmuls run in ``dtype``; softmax, LayerNorm statistics and logits are float32. Weights:
 ``rrg_jax.hf_weights.load_bart`` (a local folder; nothing is downloaded).
@@ -44,7 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrg_jax.layers.kv_cache import BeamKV
 from rrg_jax.layers.linear import Linear
 
 DecodeCache = dict[str, Any]
@@ -165,33 +163,18 @@ class BartAttention(nn.Module):
     """Key/value source (B, S, D) → k, v heads (B, H, S, d)."""
     return self._heads(self.k_proj(m)), self._heads(self.v_proj(m))
 
-  def _project(self, out: jax.Array) -> jax.Array:
-    """Attention heads (B, H, Q, d) → out_proj (B, Q, D)."""
-    b, _, lq, _ = out.shape
-    return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, lq, self.config.d_model))
-
-  def _scale(self) -> float:
-    return (self.config.d_model // self.num_heads) ** -0.5
-
   def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *,
              deterministic: bool) -> jax.Array:
     """Queries from x (B, Q, D); k/v (B, H, S, d); additive float32 bias broadcastable to (B, H, Q, S) → (B, Q, D)."""
     q = self._heads(self.q_proj(x))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * self._scale()
+    scale = (self.config.d_model // self.num_heads) ** -0.5
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
       scores = scores + bias
     probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
-    return self._project(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v))
-
-  def attend_cached(self, x: jax.Array, cache: BeamKV, index: jax.Array) -> tuple[jax.Array, BeamKV]:
-    """One causal self-attention step (eval): x (N, 1, D) of the token at slot ``index`` → ((N, 1, D), the cache
-    with its K/V written there)."""
-    q = self._heads(self.q_proj(x))
-    k_new, v_new = self.kv(x)
-    bias = jnp.where(jnp.arange(cache.max_len) <= index, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    out, cache = cache.attend(q, k_new, v_new, index,
-                              lambda scores: jax.nn.softmax(scores * self._scale() + bias, axis=-1))
-    return self._project(out), cache
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
+    b, _, lq, _ = out.shape
+    return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, lq, self.config.d_model))
 
   def __call__(self, x: jax.Array, m: jax.Array, bias: jax.Array | None, *, deterministic: bool) -> jax.Array:
     k, v = self.kv(m)
@@ -257,22 +240,27 @@ class BartDecoderLayer(_FeedForward):
     return self._cross_and_ffn(y, k, v, cross_bias, deterministic)
 
   def init_cache(self, enc: jax.Array, max_len: int) -> DecodeCache:
-    """``self``: an empty ``BeamKV`` (B rows, max_len slots) and the projected cross-attention
-    ``cross_k``/``cross_v`` (B, H, S, d)."""
+    """``k``/``v`` zeros (B, H, max_len, d) and the projected cross-attention ``cross_k``/``cross_v`` (B, H, S, d)."""
     c = self.config
+    b = enc.shape[0]
+    zeros = jnp.zeros((b, c.decoder_attention_heads, max_len, c.d_model // c.decoder_attention_heads), self.dtype)
     cross_k, cross_v = self.encoder_attn.kv(enc)
-    return {"self": BeamKV.zeros(enc.shape[0], c.decoder_attention_heads, max_len,
-                                 c.d_model // c.decoder_attention_heads, self.dtype),
-            "cross_k": cross_k.astype(self.dtype), "cross_v": cross_v.astype(self.dtype)}
+    return {"k": zeros, "v": zeros, "cross_k": cross_k.astype(self.dtype), "cross_v": cross_v.astype(self.dtype)}
 
   def step(self, y: jax.Array, cache: DecodeCache, index: jax.Array, cross_bias: jax.Array | None
            ) -> tuple[jax.Array, DecodeCache]:
-    """y (N, 1, D) of the token at slot ``index`` (a scalar: every row at the same slot) → (N, 1, D), cache with
-    its K/V written there."""
-    h, kv = self.self_attn.attend_cached(y, cache["self"], index)
+    """y (B, 1, D) of the token at position ``index`` (B,) → (B, 1, D), cache with its K/V written there."""
+    k_new, v_new = self.self_attn.kv(y)
+    slots = jnp.arange(cache["k"].shape[2])
+    write = (slots[None, :] == index[:, None])[:, None, :, None]
+    k = jnp.where(write, k_new.astype(cache["k"].dtype), cache["k"])
+    v = jnp.where(write, v_new.astype(cache["v"].dtype), cache["v"])
+    visible = (slots[None, :] <= index[:, None])[:, None, None, :]
+    bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    h = self.self_attn.attend(y, k, v, bias, deterministic=True)
     y = self.self_attn_layer_norm(y + h)
     y = self._cross_and_ffn(y, cache["cross_k"], cache["cross_v"], cross_bias, True)
-    return y, {**cache, "self": kv}
+    return y, {**cache, "k": k, "v": v}
 
 
 class BartEncoder(nn.Module):
@@ -336,7 +324,7 @@ class BartDecoder(nn.Module):
     cross_bias = padding_bias(encoder_attention_mask)
     out = []
     for layer, layer_cache in zip(self.layers, layers):
-      y, layer_cache = layer.step(y, layer_cache, index[0], cross_bias)
+      y, layer_cache = layer.step(y, layer_cache, index, cross_bias)
       out.append(layer_cache)
     return y, out
 

@@ -25,10 +25,8 @@ Quirk switches (defaults = standard HF behaviour):
     ``mask_scores``.
 
 KV-cached decoding: ``init_cache(batch, max_len, prefix)`` then ``decode_step(cache, token)``; every cache leaf
-has leading dim B, ``index`` (B,) is the next position (= the position used for its embedding; every row advances
-together, so its first entry is the cache slot). Each layer's keys/values are a ``layers.kv_cache.BeamKV``, which
-beam search reorders without moving them. Decoding assumes no padding inside the cache (all previous tokens
-visible; ``decoding.gpt2_step_fns`` handles left-padded prompts).
+has leading dim B, ``index`` (B,) is each row's next position (= the position used for its embedding). Decoding
+assumes no padding inside the cache (all previous tokens visible).
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrg_jax.layers.kv_cache import BeamKV
 from rrg_jax.layers.linear import Linear, torch_kernel_init
 
 DecodeCache = dict[str, Any]
@@ -166,41 +163,17 @@ class GPT2Attention(nn.Module):
       raise ValueError("a prefix needs pseudo_self_attention=True (the uk/uv layers)")
     return self._heads(self.uk(prefix[:, None])), self._heads(self.uv(prefix[:, None]))
 
-  def _scale(self, q: jax.Array) -> float:
-    return (q.shape[-1] ** -0.5) if self.config.scale_attn_weights else 1.0
-
-  def _project(self, out: jax.Array, deterministic: bool) -> jax.Array:
-    """Attention heads (B, H, Q, d) → c_proj (B, Q, D) after dropout."""
-    b, _, lq, _ = out.shape
-    out = out.transpose(0, 2, 1, 3).reshape(b, lq, self.config.n_embd)
-    return self.resid_dropout(self.c_proj(out), deterministic=deterministic)
-
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
              key_valid: jax.Array | None, *, deterministic: bool) -> jax.Array:
     """q (B, H, Q, d), k/v (B, H, S, d), mask as ``mask_scores`` → c_proj(attention) (B, Q, D) after dropout."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * self._scale(q)
+    scale = (q.shape[-1] ** -0.5) if self.config.scale_attn_weights else 1.0
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = mask_scores(scores, allowed, key_valid, self.mask_mode)
     probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
-    return self._project(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v), deterministic)
-
-  def attend_cached(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: BeamKV, index: jax.Array,
-                    prefix_kv: tuple[jax.Array, jax.Array] | None, key_valid: jax.Array | None
-                    ) -> tuple[jax.Array, BeamKV]:
-    """One query step (eval): q, k_new, v_new (N, H, 1, d) of the token at cache slot ``index``; slots ≤ index
-    are visible unless ``key_valid`` (N, L) is 0 there; with pseudo self-attention the prefix slot comes first
-    (``prefix_kv`` (N, H, 1, d) each, always visible) → ((N, 1, D), the cache with the token written)."""
-    allowed = jnp.arange(cache.max_len) <= index
-    prefix = None
-    if prefix_kv is not None:
-      pk, pv = prefix_kv
-      prefix = (jnp.einsum("nhqd,nhkd->nhqk", q, pk, preferred_element_type=jnp.float32), pv)
-      allowed = jnp.concatenate([jnp.ones((1,), bool), allowed])
-      if key_valid is not None:
-        key_valid = jnp.concatenate([jnp.ones_like(key_valid[:, :1]), key_valid], axis=1)
-    probs = lambda scores: jax.nn.softmax(
-        mask_scores(scores * self._scale(q), allowed[None, None, None], key_valid, self.mask_mode), axis=-1)
-    out, cache = cache.attend(q, k_new, v_new, index, probs, prefix)
-    return self._project(out, True), cache
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
+    b, _, lq, _ = out.shape
+    out = out.transpose(0, 2, 1, 3).reshape(b, lq, self.config.n_embd)
+    return self.resid_dropout(self.c_proj(out), deterministic=deterministic)
 
   def __call__(self, a: jax.Array, attention_mask: jax.Array | None, prefix: jax.Array | None, *,
                deterministic: bool) -> jax.Array:
@@ -252,23 +225,29 @@ class GPT2Block(nn.Module):
     return self._mlp(x, deterministic)
 
   def init_cache(self, batch: int, max_len: int, prefix: jax.Array | None) -> DecodeCache:
-    """``self``: an empty ``BeamKV`` (B rows, max_len slots); with a prefix also ``prefix_k``/``prefix_v``
-    (B, H, 1, d)."""
+    """``k``/``v`` zeros (B, H, max_len, d); with a prefix also ``prefix_k``/``prefix_v`` (B, H, 1, d)."""
     c = self.config
-    cache = {"self": BeamKV.zeros(batch, c.n_head, max_len, c.n_embd // c.n_head, self.dtype)}
+    zeros = jnp.zeros((batch, c.n_head, max_len, c.n_embd // c.n_head), self.dtype)
+    cache = {"k": zeros, "v": zeros}
     if prefix is not None:
       cache["prefix_k"], cache["prefix_v"] = self.attn.prefix_kv(prefix)
     return cache
 
-  def step(self, x: jax.Array, cache: DecodeCache, index: jax.Array, key_valid: jax.Array | None = None
-           ) -> tuple[jax.Array, DecodeCache]:
-    """x (N, 1, D) of the token at cache slot ``index`` (a scalar: every row at the same slot) → (N, 1, D), cache
-    with its K/V written there. Slots ≤ index are visible, those with ``key_valid`` (N, L) 0 excepted."""
+  def step(self, x: jax.Array, cache: DecodeCache, index: jax.Array) -> tuple[jax.Array, DecodeCache]:
+    """x (B, 1, D) of the token at position ``index`` (B,) → (B, 1, D), cache with its K/V written there."""
     q, k_new, v_new = self.attn.qkv(self.ln_1(x))
-    prefix_kv = (cache["prefix_k"], cache["prefix_v"]) if "prefix_k" in cache else None
-    h, kv = self.attn.attend_cached(q, k_new, v_new, cache["self"], index, prefix_kv, key_valid)
-    x = x + h
-    return self._mlp(x, True), {**cache, "self": kv}
+    slots = jnp.arange(cache["k"].shape[2])
+    write = (slots[None, :] == index[:, None])[:, None, :, None]
+    k = jnp.where(write, k_new, cache["k"])
+    v = jnp.where(write, v_new, cache["v"])
+    allowed = (slots[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, max_len)
+    keys, values = k, v
+    if "prefix_k" in cache:
+      keys = jnp.concatenate([cache["prefix_k"], k], axis=2)
+      values = jnp.concatenate([cache["prefix_v"], v], axis=2)
+      allowed = jnp.concatenate([jnp.ones_like(allowed[..., :1]), allowed], axis=-1)
+    x = x + self.attn.attend(q, keys, values, allowed, None, deterministic=True)
+    return self._mlp(x, True), {**cache, "k": k, "v": v}
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -358,6 +337,6 @@ class GPT2LMHeadModel(nn.Module):
     x = self.embed(token[:, None], index[:, None])
     layers = []
     for block, layer_cache in zip(self.h, cache["layers"]):
-      x, layer_cache = block.step(x, layer_cache, index[0])
+      x, layer_cache = block.step(x, layer_cache, index)
       layers.append(layer_cache)
     return self.head(self.ln_f(x))[:, 0], {"index": index + 1, "layers": layers}
