@@ -597,21 +597,8 @@ def _gpt2_padded_step(module, layers, token, index, positions, valid):
   x = module.embed(token[:, None], positions[:, None])
   out = []
   for block, cache in zip(module.h, layers):
-    q, k_new, v_new = block.attn.qkv(block.ln_1(x))
-    slots = jnp.arange(cache["k"].shape[2])
-    write = (slots[None, :] == index[:, None])[:, None, :, None]
-    k = jnp.where(write, k_new, cache["k"])
-    v = jnp.where(write, v_new, cache["v"])
-    allowed = (slots[None, :] <= index[:, None])[:, None, None, :]
-    keys, values, key_valid = k, v, valid
-    if "prefix_k" in cache:
-      keys = jnp.concatenate([cache["prefix_k"], k], axis=2)
-      values = jnp.concatenate([cache["prefix_v"], v], axis=2)
-      allowed = jnp.concatenate([jnp.ones_like(allowed[..., :1]), allowed], axis=-1)
-      key_valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
-    x = x + block.attn.attend(q, keys, values, allowed, key_valid, deterministic=True)
-    x = x + block.mlp(block.ln_2(x), deterministic=True)
-    out.append({**cache, "k": k, "v": v})
+    x, cache = block.step(x, cache, index, valid)
+    out.append(cache)
   return module.head(module.ln_f(x))[:, 0], out
 
 

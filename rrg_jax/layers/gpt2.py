@@ -233,8 +233,11 @@ class GPT2Block(nn.Module):
       cache["prefix_k"], cache["prefix_v"] = self.attn.prefix_kv(prefix)
     return cache
 
-  def step(self, x: jax.Array, cache: DecodeCache, index: jax.Array) -> tuple[jax.Array, DecodeCache]:
-    """x (B, 1, D) of the token at position ``index`` (B,) → (B, 1, D), cache with its K/V written there."""
+  def step(self, x: jax.Array, cache: DecodeCache, index: jax.Array, key_valid: jax.Array | None = None
+           ) -> tuple[jax.Array, DecodeCache]:
+    """x (B, 1, D) of the token at cache slot ``index`` (B,) → (B, 1, D), cache with its K/V written there. Keys
+    j ≤ index are visible, except where ``key_valid`` (B, max_len) is 0 (left padding); the pseudo
+    self-attention prefix slot, if any, always is."""
     q, k_new, v_new = self.attn.qkv(self.ln_1(x))
     slots = jnp.arange(cache["k"].shape[2])
     write = (slots[None, :] == index[:, None])[:, None, :, None]
@@ -246,7 +249,9 @@ class GPT2Block(nn.Module):
       keys = jnp.concatenate([cache["prefix_k"], k], axis=2)
       values = jnp.concatenate([cache["prefix_v"], v], axis=2)
       allowed = jnp.concatenate([jnp.ones_like(allowed[..., :1]), allowed], axis=-1)
-    x = x + self.attn.attend(q, keys, values, allowed, None, deterministic=True)
+      if key_valid is not None:
+        key_valid = jnp.concatenate([jnp.ones_like(key_valid[:, :1]), key_valid], axis=1)
+    x = x + self.attn.attend(q, keys, values, allowed, key_valid, deterministic=True)
     return self._mlp(x, True), {**cache, "k": k, "v": v}
 
 
