@@ -11,6 +11,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
+  c.compilation_cache = "default"  # persistent XLA cache: a directory, "off" or "default" (rrg_jax.compilation_cache)
 
   # --- data (R2Gen layout; input_pipeline.loader) --------------------------------------------------------
   c.data = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from rrg_jax import checkpointing, cli, evaluators, sharding
+from rrg_jax import checkpointing, cli, compilation_cache, evaluators, sharding
 from rrg_jax.evaluators.classification import THRESHOLD
 from rrg_jax.metrics import clinical
 
@@ -170,6 +170,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  compilation_cache.enable()
   return cli.run_main(lambda: run(argv))
 
 

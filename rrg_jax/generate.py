@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from rrg_jax import cli, evaluate, heatmaps
+from rrg_jax import cli, compilation_cache, evaluate, heatmaps
 from rrg_jax.cli import UserError
 
 
@@ -111,6 +111,7 @@ def _print(result: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = cli.split_config_overrides(list(sys.argv[1:] if argv is None else argv))
   args = _parser().parse_args(rest)
+  compilation_cache.enable()
 
   def run() -> None:
     result = generate(args, overrides)

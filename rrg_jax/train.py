@@ -38,7 +38,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rrg_jax import checkpointing, cli, curves, optim, sharding
+from rrg_jax import checkpointing, cli, compilation_cache, curves, optim, sharding
 from rrg_jax import train_state as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/camanet.py:iu_xray.",
@@ -358,6 +358,8 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or default_workdir(_CONFIG.value)
   logging.get_absl_logger().addFilter(_QuietOrbax())
   sharding.initialize_distributed()
+  cache = compilation_cache.enable(_CONFIG.value.get("compilation_cache", compilation_cache.DEFAULT))
+  logging.info("XLA compilation cache: %s", cache or "off")
   logging.info("Workdir: %s", pathlib.Path(workdir).absolute())
   try:
     progress = train_and_evaluate(_CONFIG.value, workdir)

@@ -1,8 +1,12 @@
-"""Shared test fixtures. Forces 4 host CPU devices so sharding tests can build multi-device meshes."""
+"""Shared test fixtures. Forces 4 host CPU devices so sharding tests can build multi-device meshes, and gives the
+session one persistent XLA compilation cache (JAX_COMPILATION_CACHE_DIR, inherited by the CLI subprocesses), so a
+program compiled by one test or subprocess is loaded, not recompiled, by the next."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rrg_jax_test_xla_cache_"))
 
 import pathlib  # noqa: E402
 
