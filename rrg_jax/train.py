@@ -215,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
   from rrg_jax import evaluate, evaluators, models  # pylint: disable=g-import-not-at-top
 
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
@@ -281,6 +282,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"{progress.batches_done + 1}): " + ", ".join(f"{k}={float(v):.4g}" for k, v in m.items())
                 + f". Stopping without saving; the last good checkpoint is step {ckpt.latest_step()} in "
                 f"{ckpt.directory}.")
+          if started is not None:
+            logging.info("First train step done %.1f s after start (set-up and compilation included).",
+                         time.perf_counter() - started)
+            started = None
           progress.batches_done += 1
           parts = {k: float(v) for k, v in m.items()}
           sums, n = {k: sums.get(k, 0.0) + v for k, v in parts.items()}, n + 1
