@@ -16,7 +16,7 @@ torchvision ``densenet121`` file (``densenet121-a639ec97.pth``, old ``norm.1`` o
 
 Naming rule (Flax names mirror the torch keys): split the key on '.', merge every numeric component onto the one
 before it with '_', join with '/'; the leaf ``weight`` becomes ``kernel`` (Linear: transposed; Conv: OIHW→HWIO),
-``scale`` (BatchNorm) or ``embedding`` (Embedding) according to the expected tree; ``running_mean``/
+``scale`` (BatchNorm) or ``embedding`` (Embedding) according to the expected tree (Conv1d: OIK→KIO); ``running_mean``/
 ``running_var`` go to ``batch_stats`` as ``mean``/``var``. The PE buffer, ``num_batches_tracked`` and the
 ``fore_back_learn.norm`` alias of ``fore_norm`` have no Flax counterpart.
 """
@@ -135,6 +135,8 @@ def _target(mods: tuple[str, ...], leaf: str, expected: Mapping[tuple[str, ...],
 def _transform(x: np.ndarray, kind: str | None) -> np.ndarray:
   if kind == "kernel" and x.ndim == 4:
     return x.transpose(2, 3, 1, 0)  # OIHW → HWIO
+  if kind == "kernel" and x.ndim == 3:
+    return x.transpose(2, 1, 0)  # Conv1d OIK → KIO
   if kind == "kernel" and x.ndim == 2:
     return x.T
   return x

@@ -79,13 +79,15 @@ class BatchNorm(nn.Module):
   train: normalise with the batch mean and biased batch variance; update (unless initialising)
   ``mean ← (1−m)·mean + m·batch_mean`` and ``var ← (1−m)·var + m·batch_var·n/(n−1)`` (unbiased, as torch; Flax's
   BatchNorm stores the biased one). eval: running statistics. Statistics are float32.
+  ``mask`` (N,) bool over the leading axis (train only): the statistics come from the kept samples alone
+  (n = their element count) and are applied to every sample; no update when none is kept.
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -94,13 +96,21 @@ class BatchNorm(nn.Module):
     x = x.astype(jnp.float32)
     if train:
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axis=axes)
-      var = jnp.mean(jnp.square(x - mean), axis=axes)
-      n = x.size // c
+      if mask is None:
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+        n, update = x.size // c, True
+      else:
+        w = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.sum(w) * (x.size // (c * x.shape[0]))
+        mean = jnp.sum(w * x, axis=axes) / jnp.maximum(n, 1.0)
+        var = jnp.sum(w * jnp.square(x - mean), axis=axes) / jnp.maximum(n, 1.0)
+        update = n > 0
       if not self.is_initializing():
         m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * mean
-        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        ra_mean.value = jnp.where(update, (1 - m) * ra_mean.value + m * mean, ra_mean.value)
+        ra_var.value = jnp.where(update, (1 - m) * ra_var.value + m * var * (n / jnp.maximum(n - 1, 1)),
+                                 ra_var.value)
     else:
       mean, var = ra_mean.value, ra_var.value
     # torch's CPU kernel form: alpha = weight / sqrt(var + eps), beta = bias − mean · alpha, y = x · alpha + beta.
