@@ -4,38 +4,48 @@
 once from the config and merges its arrays into every prepared example (so into the batches, stacked to a leading
 ``Bl`` axis)::
 
-    feature = FEATURES[name](config)
-    feature(raw, image, rng) -> dict[str, np.ndarray]
+    feature = FEATURES[name](config, tokenizer)            # tokenizer: the run's report vocabulary
+    feature(raw, image, rng, example) -> dict[str, np.ndarray]
         raw: the raw example (``records.FolderSource``); image: its decoded, untransformed first view (PIL "L" or
-        "RGB"); rng: the example's generator after the global transforms drew from it (None in evaluation)
+        "RGB"); rng: the example's generator after the global transforms drew from it (None in evaluation);
+        example: the arrays prepared so far (``targets`` …)
     feature.padding() -> dict[str, np.ndarray]   # the same keys, shapes and dtypes, for the padding rows of the
                                                  # last evaluation batch
     feature.uses_boxes: bool                     # the raw example must carry the annotation's boxes
+    feature.train_only: bool                     # computed for training batches only
+    FEATURES[name].prepare(config, workdir, tokenizer, is_writer)   # optional, once per training run, before
+                                                 # the pipeline is built (e.g. train and save a tokenizer)
 
 Features:
 
     lesion_regions   regions       float32 (M, R, R, 3)  Align2Gen's lesion crops (``input_pipeline.boxes``),
                      region_valid  bool    (M,)          NHWC, placeholders 1e-8; padding rows 0 / False
                      (M = data.max_boxes, R = data.region_size; the other box keys: ``input_pipeline.boxes``)
+    report_texts     text_ids, text_mask, sentence_ids, sentence_mask   Align2Gen's BERT inputs, training only
+                     (``input_pipeline.report_texts``)
 """
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 import PIL.Image
 
-from input_pipeline import boxes, records
+from input_pipeline import boxes, records, report_texts
 
 
 class Feature(Protocol):
   uses_boxes: bool
+  train_only: bool
 
-  def __call__(self, raw: Mapping[str, Any], image: PIL.Image.Image,
-               rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+  def __call__(self, raw: Mapping[str, Any], image: PIL.Image.Image, rng: np.random.Generator | None,
+               example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     ...
 
   def padding(self) -> dict[str, np.ndarray]:
@@ -46,8 +56,10 @@ class LesionRegions:
   """``regions`` (M, R, R, 3) and ``region_valid`` (M,) from the record's boxes; deterministic (``rng`` unused)."""
 
   uses_boxes = True
+  train_only = False
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
+    del tokenizer
     self.max_boxes = int(boxes.option(config, "max_boxes"))
     self.min_box_score = float(boxes.option(config, "min_box_score"))
     self.box_crop = boxes.option(config, "box_crop")
@@ -60,8 +72,9 @@ class LesionRegions:
       raise ValueError(f"config.data.max_boxes={self.max_boxes} and config.data.region_size={self.region_size} "
                        "must be positive.")
 
-  def __call__(self, raw: Mapping[str, Any], image: PIL.Image.Image,
-               rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+  def __call__(self, raw: Mapping[str, Any], image: PIL.Image.Image, rng: np.random.Generator | None,
+               example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    del rng, example
     box_set = raw.get("boxes")
     if box_set is None:
       raise records.DataError(
@@ -79,7 +92,7 @@ class LesionRegions:
             "region_valid": np.zeros((self.max_boxes,), bool)}
 
 
-FEATURES: dict[str, type[Feature]] = {"lesion_regions": LesionRegions}
+FEATURES: dict[str, type[Feature]] = {"lesion_regions": LesionRegions, "report_texts": report_texts.ReportTexts}
 
 
 def names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -92,9 +105,20 @@ def names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return selected
 
 
-def build(config: ml_collections.ConfigDict) -> list[Feature]:
-  """The configured features, in ``config.data.features`` order."""
-  return [FEATURES[n](config) for n in names(config)]
+def build(config: ml_collections.ConfigDict, tokenizer: Any, train: bool) -> list[Feature]:
+  """The configured features for training or evaluation batches, in ``config.data.features`` order."""
+  return [FEATURES[n](config, tokenizer) for n in names(config) if train or not FEATURES[n].train_only]
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+  """Runs each configured feature's ``prepare`` (process 0 writes, the others wait for it) before a training run
+  builds its pipeline; may fill config keys (e.g. ``data.text_tokenizer``)."""
+  for name in names(config):
+    prep = getattr(FEATURES[name], "prepare", None)
+    if prep is not None:
+      prep(config, workdir, tokenizer, jax.process_index() == 0)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("input_pipeline.features.prepare")
 
 
 def box_format(config: ml_collections.ConfigDict) -> str | None:

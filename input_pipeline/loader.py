@@ -185,7 +185,7 @@ class _Prepare:
     self.max_len = int(d.max_seq_length)
     self.num_classes = num_classes(config)
     self.augment, self.resize, self.image_size = d.augment, int(d.resize), int(d.image_size)
-    self.features = features.build(config)
+    self.features = features.build(config, tokenizer, train)
 
   def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
     rid = raw["id"]
@@ -209,7 +209,7 @@ class _Prepare:
                               f"{self.num_classes}.")
     example = {"images": images, "targets": targets, "masks": masks, "labels": labels, "id": rid}
     for feature in self.features:
-      example.update(feature(raw, views[0], rng))
+      example.update(feature(raw, views[0], rng, example))
     return example
 
   def padding(self) -> dict[str, Any]:

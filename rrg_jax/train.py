@@ -212,7 +212,7 @@ def _select(progress: Progress, row: dict[str, Any], t: ml_collections.ConfigDic
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
   """Trains (or resumes) in ``workdir``; returns the final loop progress. See the module docstring."""
-  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+  from input_pipeline import features, loader  # pylint: disable=g-import-not-at-top
   from rrg_jax import evaluate, evaluators, models  # pylint: disable=g-import-not-at-top
 
   started = time.perf_counter()
@@ -222,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   tokenizer = _load_or_build_tokenizer(config, workdir)
   config.model.vocab_size = tokenizer.vocab_size
+  features.prepare(config, workdir, tokenizer)  # e.g. train + save a text tokenizer the config's features need
   if main:
     checkpointing.write_config(workdir, config)
 

@@ -363,11 +363,11 @@ def test_feature_errors(box_folder, tmp_path):
   c = _box_config(box_folder)
   c.data.features = ("lesion_regions", "heatmaps")
   with pytest.raises(ValueError, match="heatmaps"):
-    features.build(c)
+    features.build(c, None, True)
   c.data.features = ("lesion_regions",)
   c.data.box_crop = "exact"
   with pytest.raises(ValueError, match="box_crop='exact'"):
-    features.build(c)
+    features.build(c, None, True)
   root = make_r2gen_folder(tmp_path, {"train": 2, "val": 1, "test": 1})
   c = _box_config(root)
   with pytest.raises(DataError, match="Record 'r2' has no box fields"):
