@@ -36,7 +36,10 @@ forced BOS 0 / EOS 2) and gpt2-medium with CT-AGRG's (prompt = BOS, early_stoppi
 ``--hf-size tiny`` swaps in 2-layer models of width 64 (a smoke test). Random weights would stop at arbitrary
 steps, so by default ``min_length`` = ``max_length`` keeps EOS out until the end: every beam runs the full 60
 tokens (``--hf-free-eos`` lets the models stop). Output rows as below, then ``ratio jax/torch hf_<model> b<batch>:
-<x.xx>`` (torch time / JAX time).
+<x.xx>`` (torch time / JAX time). A third row, "jax bare steps", runs the same encoder and the same 60 cached decoder
+steps on the B·K beam rows without any search (no scores, selection or cache reorder): the floor of the model
+itself, printed as ``ceiling jax/torch ...`` = torch time / that floor — the ratio a search costing nothing would
+reach.
 
 Weights: the reference's random init (spec §11.4), BN running statistics calibrated on the images, converted with
 ``rrg_jax.convert``. Both sides get the same ``--threads`` CPUs. Timing: ``--warmup`` untimed calls per decoder,
@@ -285,6 +288,36 @@ def hf_jax_decoder(name: str, setup: dict):
   return functools.partial(_call, compiled, *args), seconds
 
 
+def hf_jax_bare_steps(name: str, setup: dict):
+  """The floor under ``hf_jax_decoder``: the same encoder (BART) and the same number of cached decoder steps on the
+  B·K beam rows, without the search (no scores, selection or cache reorder). AOT-compiled run()."""
+  import jax
+  import jax.numpy as jnp
+  from rrg_jax import decoding
+
+  module, max_length = setup["module"], setup["max_length"]
+
+  @jax.jit
+  def run(variables, ids, mask):
+    if name == "bart":
+      enc = module.apply(variables, ids, mask, method="encode")
+      step_fn, state = decoding.bart_step_fns(module, variables, enc, mask, max_length)
+    else:
+      step_fn, state = decoding.gpt2_step_fns(module, variables, ids, mask, max_length)
+    state = jax.tree.map(lambda x: jnp.repeat(x, HF_BEAM, axis=0), state)
+    tokens = jnp.zeros((ids.shape[0] * HF_BEAM,), jnp.int32)
+
+    def body(_, carry):
+      state, acc = carry
+      logits, state = step_fn(state, tokens)
+      return state, acc + logits[:, 0]
+
+    return jax.lax.fori_loop(0, HF_NEW_TOKENS, body, (state, jnp.zeros(tokens.shape)))[1]
+
+  args = jax.device_put((setup["variables"], setup["ids"].astype(np.int32), setup["mask"].astype(np.int32)))
+  return functools.partial(_call, run.lower(*args).compile(), *args)
+
+
 def hf_torch_decoder(setup: dict):
   """run() → sequences (B, T) of ``model.generate`` with the explicit GenerationConfig."""
   import torch
@@ -303,7 +336,8 @@ def hf_time_one(name: str, b: int, args) -> dict:
   jax_run, compile_s = hf_jax_decoder(name, setup)
   outputs = {}
   fns = {"jax cached": functools.partial(_store, outputs, "jax cached", jax_run),
-         "torch generate": functools.partial(_store, outputs, "torch generate", hf_torch_decoder(setup))}
+         "torch generate": functools.partial(_store, outputs, "torch generate", hf_torch_decoder(setup)),
+         "jax bare steps": hf_jax_bare_steps(name, setup)}
   times = C.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
   pl, pad = setup["prompt_len"], setup["settings"]["pad_token_id"]
   got, lengths = np.asarray(outputs["jax cached"]["tokens"]), np.asarray(outputs["jax cached"]["lengths"])
@@ -330,19 +364,21 @@ def hf_main(args) -> None:
   print(C.describe_machine(), f"| HF generate: beam {HF_BEAM}, {HF_NEW_TOKENS} new tokens, "
         f"{'EOS free' if args.hf_free_eos else 'min_length = max_length'}, transformers {transformers.__version__}, "
         f"threads {threads}", flush=True)
-  rows, ratios, identical = [], [], True
+  rows, ratios, floors, identical = [], [], [], True
   for name in args.hf_models.split(","):
     for b in [int(x) for x in args.batch_sizes.split(",")]:
       r = hf_time_one(name, b, args)
       t, tag = r["times"], f"{r['label']} b{b}"
       identical &= r["same"]
-      for dec in ("jax cached", "torch generate"):
+      for dec in ("jax cached", "torch generate", "jax bare steps"):
         sec = t[dec]
         jax_row = dec == "jax cached"
         rows.append([r["label"], str(b), dec, C.fmt(1e3 * sec), C.fmt(1e3 * sec / b), C.fmt(b / sec, 2),
-                     C.fmt(r["mean_new"], 1), str(r["steps"] if jax_row else r["torch_steps"]),
+                     C.fmt(r["mean_new"], 1) if dec != "jax bare steps" else "-",
+                     str(r["steps"] if jax_row else r["torch_steps"] if dec == "torch generate" else HF_NEW_TOKENS),
                      C.fmt(r["compile_s"]) if jax_row else "-", r["agreement"] if jax_row else "-"])
       ratios.append((f"decode_hf {tag}", t["torch generate"] / t["jax cached"]))
+      floors.append((f"decode_hf {tag}", t["torch generate"] / t["jax bare steps"]))
       print(f"  done {tag}: jax cached {1e3 * t['jax cached']:.0f} ms, torch {1e3 * t['torch generate']:.0f} ms, "
             f"identical {r['same']}", file=sys.stderr, flush=True)
       gc.collect()
@@ -351,6 +387,8 @@ def hf_main(args) -> None:
   print(f"identical tokens: {identical}")
   for name, x in ratios:
     print(f"ratio jax/torch {name}: {x:.2f}")
+  for name, x in floors:  # the ratio a search with no cost of its own would reach
+    print(f"ceiling jax/torch {name} (torch / jax bare steps): {x:.2f}")
 
 
 if __name__ == "__main__":
