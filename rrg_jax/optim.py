@@ -8,7 +8,11 @@ matches everything): a parameter belongs to the group with the longest matching 
 * ``"timm_step"`` (CAMANet): timm's per-iteration ``StepLRScheduler`` with linear warm-up and the trainer's
   one-step lag (``lagged_schedule``);
 * ``"step_lr"`` (R2Gen): torch ``StepLR`` stepped after every epoch, ``lr · decay_rate^floor(epoch /
-  decay_epochs)`` (no lag, no warm-up).
+  decay_epochs)`` (no lag, no warm-up);
+* ``"cosine_epoch"`` (Align2Gen): torch ``CosineAnnealingLR(T_max = cosine_t_max, eta_min)`` stepped after every
+  epoch, ``eta_min + (lr − eta_min)·(1 + cos(π·epoch / T_max)) / 2`` — periodic beyond T_max (epoch T_max trains
+  at eta_min, 2·T_max at lr again), as torch's recursive form. ``config.optim.eta_min`` defaults to 0: Align2Gen
+  parses ``--eta_min`` but never passes it (align2gen_spec §9).
 
 Per group the update is
 
@@ -36,7 +40,7 @@ import ml_collections
 import optax
 
 FROZEN_GROUP = "frozen"
-SCHEDULES = ("timm_step", "step_lr")
+SCHEDULES = ("timm_step", "step_lr", "cosine_epoch")
 
 
 # --- learning-rate schedule --------------------------------------------------------------------------------
@@ -99,10 +103,21 @@ def learning_rate_schedules(config: ml_collections.ConfigDict,
       schedules[g] = lagged_schedule(base, warmup_lr=float(o.warmup_lr),
                                      warmup_steps=int(o.warmup_epochs) * steps_per_epoch, decay_steps=decay_steps,
                                      decay_rate=float(o.decay_rate))
-    else:
+    elif kind == "step_lr":
       schedules[g] = functools.partial(timm_step_lr, base_lr=base, warmup_lr=base, warmup_steps=0,
                                        decay_steps=decay_steps, decay_rate=float(o.decay_rate))
+    else:
+      schedules[g] = functools.partial(cosine_epoch_lr, base_lr=base, eta_min=float(o.get("eta_min", 0.0)),
+                                       t_max=int(o.cosine_t_max), steps_per_epoch=steps_per_epoch)
   return schedules
+
+
+def cosine_epoch_lr(t: jax.typing.ArrayLike, *, base_lr: float, eta_min: float, t_max: int,
+                    steps_per_epoch: int) -> jax.Array:
+  """torch ``CosineAnnealingLR`` stepped once per epoch, at step ``t``: epoch ``e = t // steps_per_epoch`` (0-based)
+  trains at ``eta_min + (base_lr − eta_min)·(1 + cos(π e / t_max)) / 2``."""
+  epoch = jnp.floor_divide(jnp.asarray(t), steps_per_epoch).astype(jnp.float32)
+  return eta_min + (base_lr - eta_min) * (1.0 + jnp.cos(jnp.pi * epoch / t_max)) / 2.0
 
 
 # --- torch-semantics Adam / AMSGrad ------------------------------------------------------------------------

@@ -252,3 +252,31 @@ def test_torch_adam_without_amsgrad():
     u, state = tx.update(jnp.asarray(g), state)
     p = p + u
   np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-6)
+
+
+def test_cosine_epoch_schedule_is_torch_cosine_annealing_stepped_per_epoch():
+  """Align2Gen: CosineAnnealingLR(T_max=25) stepped after every epoch, eta_min never passed (0): the spec's table
+  (§16.7: epoch 26 trains at exactly 0, epoch 50 back at 9.96057e-5) and torch's scheduler itself, also with an
+  eta_min (the corrected switch)."""
+  from conftest import tiny_r2gen_config  # pylint: disable=g-import-not-at-top
+
+  c = tiny_r2gen_config()
+  c.optim.schedule, c.optim.cosine_t_max = "cosine_epoch", 25
+  c.optim.lr_ve = c.optim.lr_ed = 1e-4
+  ours = optim.learning_rate_schedules(c, SPE)["ve"]
+  table = {1: 1.0e-4, 2: 9.96057e-5, 13: 5.31395e-5, 25: 3.94265e-7, 26: 0.0, 27: 3.94265e-7, 30: 6.18467e-6,
+           50: 9.96057e-5}
+  for epoch, lr in table.items():  # 1-based epochs
+    assert float(ours((epoch - 1) * SPE + SPE - 1)) == pytest.approx(lr, rel=1e-5, abs=1e-12), epoch
+  for eta_min in (0.0, 1e-6):
+    c.optim.eta_min = eta_min
+    ours = optim.learning_rate_schedules(c, SPE)["ve"]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([{"params": [p], "lr": 1e-4}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=25, eta_min=eta_min)
+    for epoch in range(60):
+      for b in (0, SPE - 1):
+        assert float(ours(epoch * SPE + b)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-5, abs=1e-12), (
+            eta_min, epoch)
+      opt.step()
+      sched.step()
