@@ -48,6 +48,20 @@ def tiny_config(preset: str = "", num_views: int = 1, vocab_size: int = 40, num_
   return c
 
 
+def random_init_variables(config, seq_len: int = 10):
+  """Random-init variables of the tiny CAMANet ``config`` (``config.model.vocab_size`` set), eval-mode init."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  model = models.get_model(config.model)
+  s = config.data.image_size
+  return jax.jit(functools.partial(model.init, train=False))(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
+      jnp.zeros((1, seq_len), jnp.int32), jnp.ones((1, seq_len)))
+
+
 def tiny_r2gen_config(preset: str = "", num_views: int = 1, vocab_size: int = 40):
   """An R2Gen config small enough for CPU unit tests: 64x64 images, ResNet-18 of widths 8..64, 1 layer, width 32."""
   from configs import r2gen

@@ -1,16 +1,14 @@
 """rrg_jax.boxes: map → threshold → components → boxes (hand-computed), and the CLI on a CAMANet checkpoint: the
 annotation copy it writes loads through the Align2Gen box validation, with the boxes of the checkpoint's own VDM."""
 
-import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import loader, records, transforms
 from rrg_jax import boxes, checkpointing, models
-from tests.conftest import tiny_config
+from tests.conftest import random_init_variables, tiny_config
 from tests.test_records import make_r2gen_folder
 
 
@@ -35,11 +33,8 @@ def test_cli_writes_valid_boxes_from_the_vdm(tmp_path, capsys):
   config.data.data_dir, config.data.threshold = str(root), 1
   tokenizer = loader.build_tokenizer(config)
   config.model.vocab_size = tokenizer.vocab_size
-  model = models.get_model(config.model)
+  variables = random_init_variables(config)
   s = config.data.image_size
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
-      jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10)))
   # a classifier bias that predicts every finding, so the VDM is not all zeros
   head = variables["params"]["visual_extractor"]["head"]
   head["bias"] = jnp.full_like(head["bias"], 5.0)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import random_init_variables, tiny_config
 from input_pipeline import loader
 from rrg_jax import checkpointing, evaluate, models
 from rrg_jax.metrics import clinical, text
@@ -42,11 +42,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
   config = _config()
   tokenizer = loader.build_tokenizer(config)
   config.model.vocab_size = tokenizer.vocab_size
-  model = models.get_model(config.model)
-  s = config.data.image_size
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, 1, s, s, 3)),
-      jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10)))
+  variables = random_init_variables(config)
   return checkpointing.save_inference(tmp_path_factory.mktemp("ckpt") / "model", config, variables, tokenizer)
 
 
