@@ -157,9 +157,10 @@ def greedy(step_fn: StepFn, init_state: Any, batch_size: int, *, max_len: int, e
 
 # --- models with an R2Gen encoder-decoder (layers.encoder_decoder.EncoderDecoderModel) ---------------------
 
-def encoder_decoder_step_fns(model: nn.Module, variables: Any, memory: jax.Array, max_len: int, *, cached: bool
-                     ) -> tuple[StepFn, Any]:
-  """(step_fn, init_state) for the decoder of ``model`` given the encoder memory (B, N, D).
+def encoder_decoder_step_fns(model: nn.Module, variables: Any, memory: jax.Array, max_len: int, *, cached: bool,
+                             memory_mask: jax.Array | None = None) -> tuple[StepFn, Any]:
+  """(step_fn, init_state) for the decoder of ``model`` given the encoder memory (B, N, D) and its key mask
+  (B, N) bool (None: every token visible).
 
   Cached: state ``{"memory", "cache"}`` with ``model.init_decode_cache(memory, max_len)`` advanced by
   ``model.decode_step``. Full prefix: state ``{"memory", "seq" (B, max_len) prefix buffer, "pos" (B,)}``;
@@ -171,26 +172,28 @@ def encoder_decoder_step_fns(model: nn.Module, variables: Any, memory: jax.Array
       logp, cache, _ = model.apply(variables, state["memory"], state["cache"], tokens, method="decode_step")
       return logp, {"memory": state["memory"], "cache": cache}
 
-    cache = model.apply(variables, memory, max_len, method="init_decode_cache")
+    cache = model.apply(variables, memory, max_len, memory_mask, method="init_decode_cache")
     return cached_step, {"memory": memory, "cache": cache}
 
   def full_step(state, tokens):
     pos = state["pos"]
     seq = jnp.where(jnp.arange(max_len)[None] == pos[:, None], tokens[:, None], state["seq"])
-    logp, _ = model.apply(variables, state["memory"], seq, method="decode_full")
+    logp, _ = model.apply(variables, state["memory"], seq, src_mask=state.get("memory_mask"), method="decode_full")
     logp = jnp.take_along_axis(logp, pos[:, None, None], axis=1)[:, 0]
-    return logp, {"memory": state["memory"], "seq": seq, "pos": pos + 1}
+    return logp, {**state, "seq": seq, "pos": pos + 1}
 
-  return full_step, {"memory": memory, "seq": jnp.zeros((b, max_len), jnp.int32),
-                     "pos": jnp.zeros((b,), jnp.int32)}
+  state = {"memory": memory, "seq": jnp.zeros((b, max_len), jnp.int32), "pos": jnp.zeros((b,), jnp.int32)}
+  if memory_mask is not None:
+    state["memory_mask"] = memory_mask
+  return full_step, state
 
 
-def word_attention(model: nn.Module, variables: Any, memory: jax.Array, tokens: jax.Array, layer: int
-                   ) -> jax.Array:
+def word_attention(model: nn.Module, variables: Any, memory: jax.Array, tokens: jax.Array, layer: int,
+                   memory_mask: jax.Array | None = None) -> jax.Array:
   """Cross-attention that produced each generated word: tokens (B, T) → (B, T, N) head-mean attention of decoder
   layer ``layer`` at the step that emitted ``tokens[:, i]`` (teacher-forced on ``[BOS] + tokens[:, :-1]``)."""
   seq = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-  _, attns = model.apply(variables, memory, seq, method="decode_full")
+  _, attns = model.apply(variables, memory, seq, src_mask=memory_mask, method="decode_full")
   return jnp.mean(attns[layer].astype(jnp.float32), axis=1)
 
 
@@ -207,14 +210,17 @@ def encode_and_decode(model: nn.Module, variables: Any, images: jax.Array, *, me
   ``method``: "beam" | "greedy"; ``cached``: KV cache or full-prefix recompute (identical tokens).
   """
   enc = model.apply(variables, images, method="encode")
-  step_fn, state = encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=cached)
+  memory_mask = enc.get("memory_mask")
+  step_fn, state = encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=cached,
+                                            memory_mask=memory_mask)
   if method == "beam":
     dec = beam_search(step_fn, state, images.shape[0], beam_size=beam_size, max_len=max_len)
   else:
     dec = greedy(step_fn, state, images.shape[0], max_len=max_len)
   out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, **{k: enc[k] for k in extras}}
   if attention_layer is not None:
-    out["word_attention"] = word_attention(model, variables, enc["memory"], dec.tokens, attention_layer)
+    out["word_attention"] = word_attention(model, variables, enc["memory"], dec.tokens, attention_layer,
+                                           memory_mask)
   return out
 
 

@@ -39,19 +39,20 @@ class EncoderDecoder(nn.Module):
                                          self.dtype)
     self.logit = Linear(self.vocab_size, kernel_init=torch_kernel_init, dtype=self.dtype)
 
-  def encode(self, att_feats: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """(B, S, d_vf) → Henc (B, S, D)."""
+  def encode(self, att_feats: jax.Array, src_mask: jax.Array | None = None, *, deterministic: bool = True
+             ) -> jax.Array:
+    """(B, S, d_vf), source key mask (B, S) bool or None → Henc (B, S, D)."""
     x = self.att_drop(nn.relu(self.att_embed_0(att_feats)), deterministic=deterministic)
-    return self.model.encode(x, deterministic=deterministic)
+    return self.model.encode(x, src_mask, deterministic=deterministic)
 
-  def logprobs(self, memory: jax.Array, seq: jax.Array, mask: jax.Array, *, deterministic: bool = True
-               ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+  def logprobs(self, memory: jax.Array, seq: jax.Array, mask: jax.Array, src_mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> tuple[jax.Array, list[jax.Array], jax.Array]:
     """→ (log-softmax (B, L, K) float32, per-layer cross-attention [(B, H, L, N')], embedding E (B, L, D))."""
-    out, attns, emb = self.model.decode(memory, seq, mask, deterministic=deterministic)
+    out, attns, emb = self.model.decode(memory, seq, mask, src_mask, deterministic=deterministic)
     return jax.nn.log_softmax(self.logit(out).astype(jnp.float32), axis=-1), attns, emb
 
-  def init_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
-    return self.model.init_cache(memory, max_len)
+  def init_cache(self, memory: jax.Array, max_len: int, src_mask: jax.Array | None = None) -> DecodeCache:
+    return self.model.init_cache(memory, max_len, src_mask)
 
   def step(self, cache: DecodeCache, token: jax.Array) -> tuple[jax.Array, DecodeCache, jax.Array]:
     out, cache, attn = self.model.step(cache, token)
@@ -65,21 +66,22 @@ TRANSFORMER_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers"
 class EncoderDecoderModel(nn.Module):
   """Base of the models that own an ``encoder_decoder`` (``make_encoder_decoder()`` in their ``setup``): the
   decoding API ``rrg_jax.decoding`` drives. The subclass has the ``TRANSFORMER_FIELDS`` as attributes and provides
-  ``encode(images) -> {"memory": (B, N', D), ...}``."""
+  ``encode(images) -> {"memory": (B, N', D), ...}`` (plus ``"memory_mask"`` (B, N') bool when some memory tokens
+  must stay invisible, e.g. empty lesion slots; every method below takes it as ``src_mask``)."""
 
   def make_encoder_decoder(self, dtype: Any) -> EncoderDecoder:
     """The ``EncoderDecoder`` configured from this model's ``TRANSFORMER_FIELDS``."""
     return EncoderDecoder(**{f: getattr(self, f) for f in TRANSFORMER_FIELDS}, dtype=dtype)
 
-  def teacher_forced(self, memory: jax.Array, targets: jax.Array, *, train: bool
-                     ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+  def teacher_forced(self, memory: jax.Array, targets: jax.Array, *, train: bool,
+                     src_mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array], jax.Array]:
     """Training forward of the decoder on ``seq = targets[:, :-1]`` with the padding-aware causal mask →
     (logprobs (B, T−1, K) float32, per-layer cross-attention, embedding E (B, T−1, D))."""
     seq = targets[:, :-1]
-    return self.encoder_decoder.logprobs(memory, seq, padded_causal_mask(seq), deterministic=not train)
+    return self.encoder_decoder.logprobs(memory, seq, padded_causal_mask(seq), src_mask, deterministic=not train)
 
-  def decode_full(self, memory: jax.Array, seq: jax.Array, *, mask_padding: bool = False, train: bool = False
-                  ) -> tuple[jax.Array, list[jax.Array]]:
+  def decode_full(self, memory: jax.Array, seq: jax.Array, *, mask_padding: bool = False, train: bool = False,
+                  src_mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """Full-prefix decoding: memory (B, N', D), seq (B, L) int starting with BOS 0 →
     (logprobs (B, L, K) float32, per-layer cross-attention [(B, H, L, N')]).
 
@@ -87,10 +89,10 @@ class EncoderDecoderModel(nn.Module):
     (also hides keys with ``seq == 0`` after position 0). ``train`` enables dropout (rng 'dropout').
     """
     mask = padded_causal_mask(seq) if mask_padding else causal_mask(seq.shape[1])
-    logprobs, attns, _ = self.encoder_decoder.logprobs(memory, seq, mask, deterministic=not train)
+    logprobs, attns, _ = self.encoder_decoder.logprobs(memory, seq, mask, src_mask, deterministic=not train)
     return logprobs, attns
 
-  def init_decode_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
+  def init_decode_cache(self, memory: jax.Array, max_len: int, src_mask: jax.Array | None = None) -> DecodeCache:
     """Cache for ``decode_step`` (``max_len`` static: the number of tokens it can hold, BOS included).
 
     A dict whose every leaf has leading dim B (reorder beams with ``jax.tree.map(lambda x: x[idx], cache)``):
@@ -98,7 +100,7 @@ class EncoderDecoderModel(nn.Module):
     ``layers``: per decoder layer ``self_k``/``self_v`` (B, H, max_len, d_k) and ``src_k``/``src_v``
     (B, H, N', d_k) — the memory projected once.
     """
-    return self.encoder_decoder.init_cache(memory, max_len)
+    return self.encoder_decoder.init_cache(memory, max_len, src_mask)
 
   def decode_step(self, memory: jax.Array, cache: DecodeCache, token: jax.Array
                   ) -> tuple[jax.Array, DecodeCache, jax.Array]:

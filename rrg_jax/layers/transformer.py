@@ -107,8 +107,13 @@ class SublayerConnection(nn.Module):
     return x + self.drop(y, deterministic=deterministic)
 
 
+def key_mask(src_mask: jax.Array | None) -> jax.Array | None:
+  """Source key mask (B, S) bool (False = not visible, e.g. an empty lesion slot) → the attention mask (B, 1, S)."""
+  return None if src_mask is None else src_mask[:, None, :]
+
+
 class EncoderLayer(nn.Module):
-  """Self-attention (no mask) + FFN, each pre-norm residual: (B, S, D) → (B, S, D)."""
+  """Self-attention + FFN, each pre-norm residual: (B, S, D) → (B, S, D); ``src_mask`` (B, S) hides keys."""
   d_model: int
   num_heads: int
   d_ff: int
@@ -120,9 +125,9 @@ class EncoderLayer(nn.Module):
     self.feed_forward = PositionwiseFeedForward(self.d_model, self.d_ff, self.dropout, self.dtype)
     self.sublayer = [SublayerConnection(False, self.dropout, self.dtype) for _ in range(2)]
 
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, src_mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
     h = self.sublayer[0].normalize(x)
-    x = self.sublayer[0].residual(x, self.self_attn(h, h, h, deterministic=deterministic)[0],
+    x = self.sublayer[0].residual(x, self.self_attn(h, h, h, key_mask(src_mask), deterministic=deterministic)[0],
                                   deterministic=deterministic)
     h = self.sublayer[1].normalize(x)
     return self.sublayer[1].residual(x, self.feed_forward(h, deterministic=deterministic),
@@ -143,9 +148,9 @@ class Encoder(nn.Module):
                    for _ in range(self.num_layers)]
     self.norm = LayerNorm(dtype=self.dtype)
 
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, src_mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
     for layer in self.layers:
-      x = layer(x, deterministic=deterministic)
+      x = layer(x, src_mask, deterministic=deterministic)
     return self.norm(x)
 
 
@@ -163,22 +168,22 @@ class DecoderLayer(nn.Module):
     self.feed_forward = PositionwiseFeedForward(self.d_model, self.d_ff, self.dropout, self.dtype)
     self.sublayer = [SublayerConnection(True, self.dropout, self.dtype) for _ in range(3)]
 
-  def _cross_and_ffn(self, x, r, src_k, src_v, deterministic):
+  def _cross_and_ffn(self, x, r, src_k, src_v, src_mask, deterministic):
     h = self.sublayer[1].normalize(x, r)
-    y, probs = self.src_attn.attend(h, src_k, src_v, deterministic=deterministic)
+    y, probs = self.src_attn.attend(h, src_k, src_v, key_mask(src_mask), deterministic=deterministic)
     x = self.sublayer[1].residual(x, y, deterministic=deterministic)
     h = self.sublayer[2].normalize(x, r)
     x = self.sublayer[2].residual(x, self.feed_forward(h, deterministic=deterministic), deterministic=deterministic)
     return x, probs
 
-  def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, r: jax.Array, *,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """x (B, L, D), memory (B, N, D), mask bool (B or 1, L, L), r (B, L, S·Dm) →
+  def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, r: jax.Array,
+               src_mask: jax.Array | None = None, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """x (B, L, D), memory (B, N, D), mask bool (B or 1, L, L), r (B, L, S·Dm), src_mask (B, N) bool or None →
     (x (B, L, D), cross-attention post-dropout probabilities (B, H, L, N))."""
     h = self.sublayer[0].normalize(x, r)
     x = self.sublayer[0].residual(x, self.self_attn(h, h, h, mask, deterministic=deterministic)[0],
                                   deterministic=deterministic)
-    return self._cross_and_ffn(x, r, *self.src_attn.project_kv(memory, memory), deterministic)
+    return self._cross_and_ffn(x, r, *self.src_attn.project_kv(memory, memory), src_mask, deterministic)
 
   def init_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
     """``self_k``/``self_v`` zeros (B, H, max_len, d_k); ``src_k``/``src_v`` = projected memory (B, H, N, d_k)."""
@@ -186,9 +191,9 @@ class DecoderLayer(nn.Module):
     zeros = jnp.zeros(src_k.shape[:2] + (max_len,) + src_k.shape[3:], src_k.dtype)
     return {"self_k": zeros, "self_v": zeros, "src_k": src_k, "src_v": src_v}
 
-  def step(self, x: jax.Array, r: jax.Array, cache: DecodeCache, index: jax.Array
-           ) -> tuple[jax.Array, DecodeCache, jax.Array]:
-    """One token (eval): x (B, 1, D), r (B, 1, S·Dm), index (B,) int position of this token →
+  def step(self, x: jax.Array, r: jax.Array, cache: DecodeCache, index: jax.Array,
+           src_mask: jax.Array | None = None) -> tuple[jax.Array, DecodeCache, jax.Array]:
+    """One token (eval): x (B, 1, D), r (B, 1, S·Dm), index (B,) int position of this token, src_mask (B, N) →
     (x (B, 1, D), cache with this token's K/V written at ``index``, cross-attention (B, H, 1, N))."""
     h = self.sublayer[0].normalize(x, r)
     k_new, v_new = self.self_attn.project_kv(h, h)
@@ -198,7 +203,7 @@ class DecoderLayer(nn.Module):
     self_v = jnp.where(write, v_new, cache["self_v"])
     visible = (slots[None, :] <= index[:, None])[:, None, :]
     x = self.sublayer[0].residual(x, self.self_attn.attend(h, self_k, self_v, visible)[0])
-    x, probs = self._cross_and_ffn(x, r, cache["src_k"], cache["src_v"], True)
+    x, probs = self._cross_and_ffn(x, r, cache["src_k"], cache["src_v"], src_mask, True)
     return x, {**cache, "self_k": self_k, "self_v": self_v}, probs
 
 
@@ -216,24 +221,24 @@ class Decoder(nn.Module):
                    for _ in range(self.num_layers)]
     self.norm = LayerNorm(dtype=self.dtype)
 
-  def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, r: jax.Array, *,
-               deterministic: bool = True) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array, r: jax.Array,
+               src_mask: jax.Array | None = None, *, deterministic: bool = True) -> tuple[jax.Array, list[jax.Array]]:
     """→ (out (B, L, D), per-layer cross-attention [(B, H, L, N)] * num_layers)."""
     attns = []
     for layer in self.layers:
-      x, probs = layer(x, memory, mask, r, deterministic=deterministic)
+      x, probs = layer(x, memory, mask, r, src_mask, deterministic=deterministic)
       attns.append(probs)
     return self.norm(x), attns
 
   def init_cache(self, memory: jax.Array, max_len: int) -> list[DecodeCache]:
     return [layer.init_cache(memory, max_len) for layer in self.layers]
 
-  def step(self, x: jax.Array, r: jax.Array, caches: list[DecodeCache], index: jax.Array
-           ) -> tuple[jax.Array, list[DecodeCache], jax.Array]:
+  def step(self, x: jax.Array, r: jax.Array, caches: list[DecodeCache], index: jax.Array,
+           src_mask: jax.Array | None = None) -> tuple[jax.Array, list[DecodeCache], jax.Array]:
     """→ (out (B, 1, D), new per-layer caches, last layer's cross-attention (B, H, 1, N))."""
     new = []
     for layer, cache in zip(self.layers, caches):
-      x, cache, probs = layer.step(x, r, cache, index)
+      x, cache, probs = layer.step(x, r, cache, index, src_mask)
       new.append(cache)
     return self.norm(x), new, probs
 
@@ -261,27 +266,32 @@ class MemoryDrivenTransformer(nn.Module):
     self.tgt_embed = [Embeddings(self.vocab_size, self.d_model), PositionalEncoding(self.dropout, self.dtype)]
     self.rm = RelationalMemory(self.rm_num_slots, self.rm_d_model, self.rm_num_heads, self.dropout, self.dtype)
 
-  def encode(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """(B, S, D) → Henc (B, S, D) (no source mask)."""
-    return self.encoder(x, deterministic=deterministic)
+  def encode(self, x: jax.Array, src_mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+    """(B, S, D), source key mask (B, S) bool or None (R2Gen, CAMANet: none) → Henc (B, S, D)."""
+    return self.encoder(x, src_mask, deterministic=deterministic)
 
-  def decode(self, memory: jax.Array, seq: jax.Array, mask: jax.Array, *, deterministic: bool = True
-             ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
-    """memory (B, N, D), seq (B, L) int, mask bool (B or 1, L, L) →
-    (decoder output (B, L, D), per-layer cross-attention [(B, H, L, N)], target embedding E (B, L, D))."""
+  def decode(self, memory: jax.Array, seq: jax.Array, mask: jax.Array, src_mask: jax.Array | None = None, *,
+             deterministic: bool = True) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+    """memory (B, N, D), seq (B, L) int, mask bool (B or 1, L, L), src_mask (B, N) bool or None (the memory's key
+    mask in cross-attention) → (decoder output (B, L, D), per-layer cross-attention [(B, H, L, N)], target
+    embedding E (B, L, D))."""
     length = seq.shape[1]
     emb = self.tgt_embed[1](self.tgt_embed[0](seq), jnp.arange(length)[None], table_length=length,
                             deterministic=deterministic)
     r = self.rm(emb, deterministic=deterministic)
-    out, attns = self.decoder(emb, memory, mask, r, deterministic=deterministic)
+    out, attns = self.decoder(emb, memory, mask, r, src_mask, deterministic=deterministic)
     return out, attns, emb
 
-  def init_cache(self, memory: jax.Array, max_len: int) -> DecodeCache:
+  def init_cache(self, memory: jax.Array, max_len: int, src_mask: jax.Array | None = None) -> DecodeCache:
     """Cache for ``step``; every leaf has leading dim B: ``index`` (B,) int32 next position, ``rm`` (B, S, Dm)
-    memory state, ``layers`` per-layer dicts (see ``DecoderLayer.init_cache``). ``max_len`` bounds the steps."""
+    memory state, ``layers`` per-layer dicts (see ``DecoderLayer.init_cache``) and, given one, ``src_mask`` (B, N).
+    ``max_len`` bounds the steps."""
     b = memory.shape[0]
-    return {"index": jnp.zeros((b,), jnp.int32), "rm": self.rm.init_memory(b),
-            "layers": self.decoder.init_cache(memory, max_len)}
+    cache = {"index": jnp.zeros((b,), jnp.int32), "rm": self.rm.init_memory(b),
+             "layers": self.decoder.init_cache(memory, max_len)}
+    if src_mask is not None:
+      cache["src_mask"] = src_mask
+    return cache
 
   def step(self, cache: DecodeCache, token: jax.Array) -> tuple[jax.Array, DecodeCache, jax.Array]:
     """token (B,) int at position ``cache['index']`` (eval) →
@@ -291,5 +301,5 @@ class MemoryDrivenTransformer(nn.Module):
     emb = self.tgt_embed[1](self.tgt_embed[0](token[:, None]), index[:, None], table_length=max_len)
     memory = self.rm.step(emb[:, 0], cache["rm"])
     r = memory.reshape(memory.shape[0], 1, -1)
-    out, layers, probs = self.decoder.step(emb, r, cache["layers"], index)
-    return out[:, 0], {"index": index + 1, "rm": memory, "layers": layers}, probs[:, :, 0]
+    out, layers, probs = self.decoder.step(emb, r, cache["layers"], index, cache.get("src_mask"))
+    return out[:, 0], {**cache, "index": index + 1, "rm": memory, "layers": layers}, probs[:, :, 0]
