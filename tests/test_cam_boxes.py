@@ -3,6 +3,7 @@ annotation copy it writes loads through the Align2Gen box validation, with the b
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,12 +48,13 @@ def test_cli_writes_valid_boxes_from_the_vdm(tmp_path, capsys):
   (root / "annotation.json").write_text(out.read_text())
   recs = records.load_split(root, "val", num_classes=5, box_format="coco_xywh")
   system = models.get_system(checkpointing.load_inference(ckpt)[0])
+  encode = jax.jit(lambda x: system.module.apply(variables, x, method="encode")["vdm"])
   for rec in recs:
     assert rec.boxes.width == 40 and rec.boxes.height == 48 and rec.boxes.valid.any()
     image = records.decode_image(records.read_bytes(rec.image_paths[0]), "t")
     x = transforms.transform_views([image], None, train=False, augment=config.data.augment,
                                    resize=int(config.data.resize), image_size=s)[None]
-    vdm = np.asarray(system.module.apply(variables, jnp.asarray(x), method="encode")["vdm"][0])
+    vdm = np.asarray(encode(jnp.asarray(x))[0])
     side = int(round(np.sqrt(vdm.size)))
     want, _ = boxes.boxes_from_map(vdm.reshape(side, side), threshold=0.6, width=40, height=48, max_boxes=3)
     written = {r["id"]: r for r in json.loads(out.read_text())["val"]}
