@@ -122,12 +122,14 @@ class ReportTexts:
       config.data.text_tokenizer = str(directory)
 
   def _encode(self, texts: list[str], length: int, what: str, rid: str) -> tuple[np.ndarray, np.ndarray]:
-    full = self.text_tokenizer.encode_batch(texts)
-    if any(len(ids) > length for ids in full) and not self.warned:
-      logging.warning("report_texts: record %r has a %s longer than %d tokens; truncated (the original keeps up "
-                      "to 512).", rid, what, length)
-      self.warned = True
-    return self.text_tokenizer.encode_padded(texts, length)
+    ids, mask = self.text_tokenizer.encode_padded(texts, length)
+    if not self.warned:  # only a row that fills every slot can have been cut: encode just those again, whole
+      full_rows = [t for t, m in zip(texts, mask) if m.all()]
+      if any(len(row) > length for row in self.text_tokenizer.encode_batch(full_rows)):
+        logging.warning("report_texts: record %r has a %s longer than %d tokens; truncated (the original keeps "
+                        "up to 512).", rid, what, length)
+        self.warned = True
+    return ids, mask
 
   def __call__(self, raw: Mapping[str, Any], image, rng, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     del image, rng

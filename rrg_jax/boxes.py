@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import PIL.Image
 import scipy.ndimage
 
 from rrg_jax import cli, compilation_cache
@@ -58,6 +59,12 @@ def boxes_from_map(heat: np.ndarray, *, threshold: float, width: int, height: in
           [round(s, 6) for s, _ in found] + [0.0] * (max_boxes - len(found)))
 
 
+def _image_size(path: str) -> tuple[int, int]:
+  """(width, height) from the file's header (the image was checked when its split was loaded)."""
+  with PIL.Image.open(path) as im:
+    return im.size
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m rrg_jax.boxes", description=__doc__.split("\n\n")[0],
                               epilog="Any --config.KEY=VALUE overrides a key of the checkpoint's config.")
@@ -84,8 +91,7 @@ def run(argv: Sequence[str]) -> pathlib.Path:
   views = int(config.data.num_views)
   found: dict[str, tuple[list, list, int, int]] = {}
   for split in annotation:
-    sizes = {r.id: records.decode_image(records.read_bytes(r.image_paths[0]), r.image_paths[0]).size
-             for r in loader.load_records(config, split)}
+    sizes = {r.id: _image_size(r.image_paths[0]) for r in loader.load_records(config, split)}
     for batch in loader.eval_batches(config, tokenizer, split):
       out = jax.device_get(encode(variables, system.device_batch(batch)["images"]))
       if "vdm" not in out:
