@@ -81,10 +81,10 @@ def jax_decoders(model, variables, images: np.ndarray, max_len: int) -> dict:
     return {"tokens": dec.tokens, "steps": dec.steps}
 
   lowered = {
-      "jax cached": lambda: decoding.encode_and_decode.lower(model, variables, images, method="beam",
+      "jax cached": lambda: decoding.encode_and_decode.lower(model, variables, (images,), method="beam",
                                                              beam_size=BEAM, max_len=max_len, cached=True),
       "jax cached, no early exit": lambda: no_early_exit.lower(variables, images, max_len=max_len),
-      "jax full prefix": lambda: decoding.encode_and_decode.lower(model, variables, images, method="beam",
+      "jax full prefix": lambda: decoding.encode_and_decode.lower(model, variables, (images,), method="beam",
                                                                   beam_size=BEAM, max_len=max_len, cached=False),
       "encode": lambda: jax.jit(lambda v, x: model.apply(v, x, method="encode")["memory"]).lower(variables, images)}
   out = {}

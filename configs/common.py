@@ -29,6 +29,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.data.augment = "flip"               # "flip" (random crop + h-flip) | "rotate_scale" (CAMANet MIMIC --randaug)
   c.data.source = "folder"              # "folder" (direct Grain source) | "tfds" (ArrayRecord via TFDS)
   c.data.tfds_dir = ""                  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.shuffle = True                 # train order: a new permutation every epoch; False = annotation order
   c.data.num_workers = 0                # Grain worker processes (0 = in-process)
   c.data.on_bad_record = "error"        # "error" | "skip"
 
@@ -98,6 +99,7 @@ def add_memory_driven_transformer(m: ml_collections.ConfigDict) -> None:
   m.rm_num_slots = 3
   m.rm_num_heads = 8
   m.rm_d_model = 512
+  m.separate_embedding_dropout = False  # True: the target embedding's dropout drawn twice (RM, decoder), as R2Gen
   m.dtype = "float32"                   # compute dtype: "float32" | "bfloat16" (params stay fp32)
   m.remat = False                       # rematerialise the backbone's blocks
 

@@ -38,6 +38,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.model.backbone = "resnet101"        # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
   c.model.resnet_widths = (64, 128, 256, 512)  # torchvision's stage widths (smaller only for tests)
   common.add_memory_driven_transformer(c.model)
+  c.model.separate_embedding_dropout = True  # decode() embeds the targets twice: independent dropout masks
   c.model.pretrained_backbone = ""      # local torchvision resnet*.pth (ImageNet) to start from; "" = random
 
   # --- optimiser (R2Gen optimizers.py: Adam, AMSGrad, two groups; trainer: clip_grad_value_ 0.1) -----------

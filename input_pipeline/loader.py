@@ -303,8 +303,8 @@ class _TrainExample:
   """Local stream position → prepared example of (epoch, epoch position), see the module docstring."""
 
   def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, seed: int, global_batch: int,
-               local_batch: int, process_index: int):
-    self.source, self.prepare, self.seed = source, prepare, int(seed)
+               local_batch: int, process_index: int, shuffle: bool = True):
+    self.source, self.prepare, self.seed, self.shuffle = source, prepare, int(seed), shuffle
     self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
     self.steps = len(source) // global_batch
     self._perm: tuple[int, np.ndarray] | None = None
@@ -316,7 +316,9 @@ class _TrainExample:
 
   def permutation(self, epoch: int) -> np.ndarray:
     if self._perm is None or self._perm[0] != epoch:
-      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
+      n = len(self.source)
+      order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+      self._perm = (epoch, order)
     return self._perm[1]
 
   def __call__(self, j: int) -> dict[str, Any]:
@@ -326,10 +328,12 @@ class _TrainExample:
 
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> grain.IterDataset:
-  """Endless shuffled train batches (epochs repeat, ``steps_per_epoch(config)`` batches each)."""
+  """Endless train batches (epochs repeat, ``steps_per_epoch(config)`` batches each), in a new random order every
+  epoch, or in the annotation order every epoch with ``config.data.shuffle = False`` (Align2Gen's loader)."""
   source = raw_source(config, "train")
   lbs, pi = _local_batch_size(config)
-  fn = _TrainExample(source, _Prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi)
+  fn = _TrainExample(source, _Prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi,
+                     bool(config.data.get("shuffle", True)))
   if fn.steps == 0:
     raise ValueError(f"The train split has {len(source)} records, fewer than config.train.batch_size="
                      f"{config.train.batch_size}.")

@@ -93,7 +93,7 @@ def run(argv: Sequence[str]) -> pathlib.Path:
   for split in annotation:
     sizes = {r.id: _image_size(r.image_paths[0]) for r in loader.load_records(config, split)}
     for batch in loader.eval_batches(config, tokenizer, split):
-      out = jax.device_get(encode(variables, system.device_batch(batch)["images"]))
+      out = jax.device_get(encode(variables, system.device_batch(batch, train=False)["images"]))
       if "vdm" not in out:
         raise UserError(f"The system {config.model.name!r} of {args.checkpoint} has no visual discriminative map "
                         "(its encode gives no 'vdm'); use a classifier system such as camanet.")

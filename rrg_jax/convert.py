@@ -208,15 +208,29 @@ def _backbone_shapes(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return _unflatten(flat)
 
 
-def _into_backbone(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any], source: str
-                   ) -> dict[str, Any]:
-  """``variables`` with the ``visual_extractor/model`` subtrees replaced by ``state_dict`` (keys already
-  ``visual_extractor.model.*``); the backbone configuration must match (refuses listing all differing keys)."""
-  sub = {c: {BACKBONE[0]: {BACKBONE[1]: variables[c][BACKBONE[0]][BACKBONE[1]]}} for c in ("params", "batch_stats")}
+def _subtree(tree: Mapping[str, Any], at: tuple[str, ...]) -> Any:
+  for k in at:
+    tree = tree[k]
+  return tree
+
+
+def _replaced(tree: Mapping[str, Any], at: tuple[str, ...], value: Any) -> dict[str, Any]:
+  """A copy of ``tree`` with the subtree at path ``at`` replaced by ``value``."""
+  if not at:
+    return value
+  return {**tree, at[0]: _replaced(tree[at[0]], at[1:], value)}
+
+
+def _into_backbone(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any], source: str,
+                   at: tuple[str, ...] = BACKBONE) -> dict[str, Any]:
+  """``variables`` with the backbone subtrees at path ``at`` (default ``visual_extractor/model``) replaced by
+  ``state_dict`` (keys already ``visual_extractor.model.*``); the backbone configuration must match (refuses
+  listing all differing keys)."""
+  sub = {c: {BACKBONE[0]: {BACKBONE[1]: _subtree(variables[c], at)}} for c in ("params", "batch_stats")}
   loaded = state_dict_to_variables(state_dict, sub, source)
-  new = {c: dict(v) for c, v in variables.items()}
+  new = dict(variables)
   for c in ("params", "batch_stats"):
-    new[c][BACKBONE[0]] = {**variables[c][BACKBONE[0]], BACKBONE[1]: loaded[c][BACKBONE[0]][BACKBONE[1]]}
+    new[c] = _replaced(variables[c], at, loaded[c][BACKBONE[0]][BACKBONE[1]])
   return new
 
 
@@ -239,19 +253,22 @@ def load_torchvision_densenet(path: str | pathlib.Path, variables: Mapping[str, 
 BACKBONE_KINDS = ("densenet", "resnet")
 
 
-def load_torchvision_backbone(path: str | pathlib.Path, variables: Mapping[str, Any], *, kind: str
-                              ) -> dict[str, Any]:
-  """``variables`` with its ``visual_extractor/model`` backbone loaded from a local torchvision ImageNet file:
-  ``kind`` "densenet" (``densenet121-*.pth``) or "resnet" (``resnet{18,34,50,101,152}-*.pth``; ``fc.*`` dropped).
-  A missing file, or one whose backbone differs from the configured one, is a ``ConversionError``."""
+def load_torchvision_backbone(path: str | pathlib.Path, variables: Mapping[str, Any], *, kind: str,
+                              at: tuple[str, ...] = BACKBONE) -> dict[str, Any]:
+  """``variables`` with its backbone at path ``at`` (default ``visual_extractor/model``) loaded from a local
+  torchvision ImageNet file: ``kind`` "densenet" (``densenet121-*.pth``) or "resnet" (``resnet{18,34,50,101,152}
+  -*.pth``; ``fc.*`` dropped). A missing file, or one whose backbone differs from the configured one, is a
+  ``ConversionError``."""
   if kind not in BACKBONE_KINDS:
     raise ValueError(f"Unknown backbone kind {kind!r}; choose one of {BACKBONE_KINDS}.")
   if not pathlib.Path(path).is_file():
     raise ConversionError(f"config.model.pretrained_backbone={str(path)!r} does not exist.")
   if kind == "densenet":
-    return load_torchvision_densenet(path, variables)
-  state_dict = {f"{'.'.join(BACKBONE)}.{k}": v for k, v in load_state_dict(path).items() if not k.startswith("fc.")}
-  return _into_backbone(state_dict, variables, str(path))
+    state_dict = torchvision_to_backbone_state_dict(load_state_dict(path))
+  else:
+    state_dict = {f"{'.'.join(BACKBONE)}.{k}": v for k, v in load_state_dict(path).items()
+                  if not k.startswith("fc.")}
+  return _into_backbone(state_dict, variables, str(path), at)
 
 
 # --- the CLI --------------------------------------------------------------------------------------------------

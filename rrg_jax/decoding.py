@@ -199,24 +199,26 @@ def word_attention(model: nn.Module, variables: Any, memory: jax.Array, tokens: 
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "beam_size", "max_len", "cached", "extras",
                                              "attention_layer"))
-def encode_and_decode(model: nn.Module, variables: Any, images: jax.Array, *, method: str, beam_size: int,
-                      max_len: int, cached: bool, extras: tuple[str, ...] = (), attention_layer: int | None = None
-                      ) -> dict[str, jax.Array]:
-  """Encodes images (B, V, H, W, 3) once (``model.encode``, eval mode) and decodes (one jitted program) →
+def encode_and_decode(model: nn.Module, variables: Any, inputs: tuple[jax.Array, ...], *, method: str,
+                      beam_size: int, max_len: int, cached: bool, extras: tuple[str, ...] = (),
+                      attention_layer: int | None = None) -> dict[str, jax.Array]:
+  """Encodes once (``model.encode(*inputs)``, eval mode; ``inputs`` the system's ``encode_fields``, first the
+  images (B, V, H, W, 3)) and decodes (one jitted program) →
 
   ``tokens`` (B, max_len) int32 (text = ``tokenizer.decode``), ``scores`` (B,) summed log-probs, ``steps`` ()
   decoder steps run, the ``extras`` entries of the encoder's outputs (e.g. ``probs`` (B, C), ``vdm`` (B, N)) and,
   with ``attention_layer``, ``word_attention`` (B, max_len, N') of that decoder layer (see ``word_attention``).
   ``method``: "beam" | "greedy"; ``cached``: KV cache or full-prefix recompute (identical tokens).
   """
-  enc = model.apply(variables, images, method="encode")
+  enc = model.apply(variables, *inputs, method="encode")
+  batch_size = inputs[0].shape[0]
   memory_mask = enc.get("memory_mask")
   step_fn, state = encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=cached,
                                             memory_mask=memory_mask)
   if method == "beam":
-    dec = beam_search(step_fn, state, images.shape[0], beam_size=beam_size, max_len=max_len)
+    dec = beam_search(step_fn, state, batch_size, beam_size=beam_size, max_len=max_len)
   else:
-    dec = greedy(step_fn, state, images.shape[0], max_len=max_len)
+    dec = greedy(step_fn, state, batch_size, max_len=max_len)
   out = {"tokens": dec.tokens, "scores": dec.scores, "steps": dec.steps, **{k: enc[k] for k in extras}}
   if attention_layer is not None:
     out["word_attention"] = word_attention(model, variables, enc["memory"], dec.tokens, attention_layer,

@@ -93,9 +93,9 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
   variables = jax.device_put(variables, sharding.replicated(mesh))
   refs, gens, ids = [], [], []
   outputs: dict[str, list[np.ndarray]] = {k: [] for k in system.report_outputs}
-  fields: dict[str, list[np.ndarray]] = {k: [] for k in system.batch_fields() if k != "images"}
+  fields: dict[str, list[np.ndarray]] = {k: [] for k in system.batch_fields(train=False) if k != "images"}
   for batch in tqdm.tqdm(batches, desc="decoding", unit="batch", disable=not progress, dynamic_ncols=True):
-    inputs = loader.to_global_batch(system.device_batch(batch), mesh)
+    inputs = loader.to_global_batch(system.device_batch(batch, train=False), mesh)
     out = system.generate(variables, inputs)
     valid = _gather(np.asarray(batch["valid"], bool))
     tokens = _gather(out["tokens"])[valid]

@@ -11,6 +11,11 @@ when ≥ 0.5), and writes ``OUTDIR/words.png`` (the decoder's cross-attention ov
 words: those whose attention best matches the VDM where the system has one, else the most focused ones) and, for
 CAMANet-style systems, ``OUTDIR/vdm.png`` (the visual discriminative map over each view). ``--json`` prints one
 JSON object instead.
+
+Systems whose inputs include per-example features (``config.data.features``, e.g. Align2Gen's lesion crops) get
+them as in evaluation. Box-reading features take ``--boxes FILE``: a JSON object with the annotation's box fields
+(``boxes``, ``scores``, ``height``, ``width``; ``config.data.box_format``), drawn on the first view in
+``OUTDIR/boxes.png``; without it the study has no boxes (every slot empty).
 """
 
 from __future__ import annotations
@@ -36,7 +41,45 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="generated", help="directory for the heatmap PNGs (default: ./generated)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.add_argument("--words", type=int, default=4, help="number of words with attention heatmaps (0: none)")
+  p.add_argument("--boxes", default=None, help="JSON file with the box fields (boxes, scores, height, width) of "
+                 "the study, for systems with a lesion branch (default: no boxes)")
   return p
+
+
+def feature_inputs(config, tokenizer, image, image_path: str, boxes_path: str | None
+                   ) -> tuple[dict[str, Any], Any]:
+  """The evaluation features of ``config.data.features`` for one study (first view ``image``) → (their arrays
+  with a batch axis of 1, the ``input_pipeline.boxes.BoxSet`` read from ``boxes_path`` or None)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from input_pipeline import boxes, features, records  # pylint: disable=g-import-not-at-top
+
+  feats = features.build(config, tokenizer, train=False)
+  box_format = features.box_format(config)
+  raw: dict[str, Any] = {"id": image_path}
+  box_set = None
+  if box_format is not None:
+    if boxes_path:
+      path = pathlib.Path(boxes_path)
+      try:
+        record = json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        raise UserError(f"--boxes {path}: cannot read a JSON object ({e}).") from None
+      if not isinstance(record, dict):
+        raise UserError(f"--boxes {path}: expected a JSON object with boxes, scores, height, width.")
+      try:
+        box_set = boxes.parse_box_fields(record, box_format=box_format, where=f"--boxes {path}")
+      except records.DataError as e:
+        raise UserError(str(e)) from None
+      if box_set is None:
+        raise UserError(f"--boxes {path}: has none of the box fields {list(boxes.BOX_FIELDS)}.")
+    raw["boxes"] = box_set or boxes.BoxSet(np.zeros((0, 4)), np.zeros((0,), bool), np.zeros((0,)),
+                                           image.height, image.width)
+  elif boxes_path:
+    raise UserError(f"--boxes: the system {config.model.name!r} of this checkpoint reads no boxes.")
+  out: dict[str, Any] = {}
+  for feature in feats:
+    out.update(feature(raw, image, None, out))
+  return {k: np.asarray(v)[None] for k, v in out.items()}, box_set
 
 
 def load_views(paths: Sequence[str], num_views: int):
@@ -71,12 +114,16 @@ def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[st
   size = int(d.image_size)
   images = transforms.transform_views(views, None, train=False, augment=d.augment, resize=int(d.resize),
                                       image_size=size)
-  out = jax.device_get(system.generate(variables, {"images": images[None]}, with_attention=True))
+  extra, box_set = feature_inputs(system.config, tokenizer, views[0], args.image[0], args.boxes)
+  out = jax.device_get(system.generate(variables, {"images": images[None], **extra}, with_attention=True))
   report = tokenizer.decode(out["tokens"][0].tolist())
   words = report.split()
   shown = [v.convert("RGB").resize((size, size)) for v in views]  # what the model saw (squashed)
   out_dir = pathlib.Path(args.out)
   files = {}
+  if box_set is not None:
+    files["boxes"] = str(heatmaps.save_boxes(views[0], box_set.xyxy[box_set.valid], box_set.width,
+                                             box_set.height, out_dir / "boxes.png"))
   vdm = out["vdm"][0] if "vdm" in out else None
   if vdm is not None:
     files["vdm"] = str(heatmaps.save_vdm(shown, vdm, out_dir / "vdm.png"))

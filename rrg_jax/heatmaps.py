@@ -85,6 +85,24 @@ def save_word_attention(images: Sequence[PIL.Image.Image], words: Sequence[str],
   return _save(fig, path)
 
 
+def save_boxes(image: PIL.Image.Image, xyxy: np.ndarray, width: int, height: int, path: str | pathlib.Path
+               ) -> pathlib.Path:
+  """The image with its boxes xyxy (K, 4), given in a ``width`` × ``height`` annotation frame (scaled to the
+  image), numbered in slot order."""
+  from matplotlib import patches  # pylint: disable=g-import-not-at-top
+
+  sx, sy = image.size[0] / width, image.size[1] / height
+  fig, ax = plt.subplots(figsize=(5.0, 5.0 * image.size[1] / image.size[0]))
+  ax.imshow(np.asarray(image.convert("L")), cmap="gray")
+  for k, (x0, y0, x1, y1) in enumerate(np.asarray(xyxy, np.float64)):
+    ax.add_patch(patches.Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, lw=2,
+                                   edgecolor="yellow"))
+    ax.text(x0 * sx + 3, y0 * sy + 12, str(k + 1), color="yellow", fontsize=10)
+  ax.set_title(f"{len(xyxy)} box(es)", fontsize=10)
+  ax.axis("off")
+  return _save(fig, path)
+
+
 def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -223,10 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tokenizer = _load_or_build_tokenizer(config, workdir)
   config.model.vocab_size = tokenizer.vocab_size
   features.prepare(config, workdir, tokenizer)  # e.g. train + save a text tokenizer the config's features need
+  system = models.get_system(config)  # may fill derived config keys (System.__init__) before the config is written
   if main:
     checkpointing.write_config(workdir, config)
-
-  system = models.get_system(config)
   evaluators.check(tuple(config.eval.evaluators))
   mesh = sharding.create_mesh(config.mesh_shape)
   sharding.check_batch_size(config.train.batch_size, mesh)

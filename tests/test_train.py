@@ -156,6 +156,16 @@ def _synthetic_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray
     labels = (rng.random((batch_size, m.num_classes)) < 0.3).astype(np.float32)
     labels[:, 0] = 1.0  # every sample has a positive finding (VTAC keeps it)
     batch["labels"] = labels
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  for name, field in models.get_system(config).batch_fields().items():  # any other field the system declares
+    shape = (batch_size,) + field.shape
+    if name in batch:
+      continue
+    if np.dtype(field.dtype) == np.float32:
+      batch[name] = rng.normal(size=shape).astype(np.float32)
+    else:  # bool / int32 masks and ids: 0 or 1 is valid for every vocabulary
+      batch[name] = (rng.random(shape) < 0.7).astype(field.dtype)
   return batch
 
 

@@ -349,8 +349,9 @@ class MultiTargetExtractor(LesionBranch):
   (``GlobalVisualBranch``), ``region_visual_extractor`` (§13.1 ``align.visual_extractor.*``).
 
   (images (B, H, W, 3), regions (B, M, S, S, 3), valid (B, M)) → (region_feats (B, M, d_e), avg_feats (B, d_e),
-  patch_feats (B, h·w, d_e)), the official order. ``LesionBranch``'s attributes, plus the global branch's
-  ``depth``, ``resnet_widths``, ``cpca_reduce``, ``remat``; d_e = ``widths[-1]`` is the ``local_embedder`` width.
+  patch_feats (B, h·w, d_e)), the official order; regions and valid None (no boxes: the global branch alone, no
+  region networks built) → region_feats None. ``LesionBranch``'s attributes, plus the global branch's ``depth``,
+  ``resnet_widths``, ``cpca_reduce``, ``remat``; d_e = ``widths[-1]`` is the ``local_embedder`` width.
   """
   depth: int = 101
   resnet_widths: Sequence[int] = DEFAULT_WIDTHS
@@ -358,9 +359,9 @@ class MultiTargetExtractor(LesionBranch):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, regions: jax.Array, valid: jax.Array, train: bool
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    region_feats = _region_features(self, regions, valid, train)
+  def __call__(self, images: jax.Array, regions: jax.Array | None, valid: jax.Array | None, train: bool
+               ) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    region_feats = None if regions is None else _region_features(self, regions, valid, train)
     patch_feats, avg_feats = GlobalVisualBranch(self.depth, tuple(self.resnet_widths), self.widths[-1],
                                                 self.cpca_reduce, self.remat, self.dtype,
                                                 name="visual_extractor")(images, train)

@@ -29,6 +29,7 @@ class EncoderDecoder(nn.Module):
   rm_num_slots: int = 3
   rm_num_heads: int = 8
   rm_d_model: int = 512
+  separate_embedding_dropout: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -36,7 +37,7 @@ class EncoderDecoder(nn.Module):
     self.att_drop = nn.Dropout(self.drop_prob_lm)
     self.model = MemoryDrivenTransformer(self.vocab_size, self.d_model, self.d_ff, self.num_heads, self.num_layers,
                                          self.dropout, self.rm_num_slots, self.rm_num_heads, self.rm_d_model,
-                                         self.dtype)
+                                         self.separate_embedding_dropout, self.dtype)
     self.logit = Linear(self.vocab_size, kernel_init=torch_kernel_init, dtype=self.dtype)
 
   def encode(self, att_feats: jax.Array, src_mask: jax.Array | None = None, *, deterministic: bool = True
@@ -60,7 +61,7 @@ class EncoderDecoder(nn.Module):
 
 
 TRANSFORMER_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "drop_prob_lm",
-                      "rm_num_slots", "rm_num_heads", "rm_d_model")
+                      "rm_num_slots", "rm_num_heads", "rm_d_model", "separate_embedding_dropout")
 
 
 class EncoderDecoderModel(nn.Module):

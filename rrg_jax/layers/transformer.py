@@ -246,7 +246,10 @@ class Decoder(nn.Module):
 class MemoryDrivenTransformer(nn.Module):
   """R2Gen ``encoder_decoder.model``: ``encoder``, ``decoder``, ``tgt_embed_0`` (+ parameter-free PE), ``rm``.
 
-  One dropout draw of the embedding feeds both the relational memory and the decoder (spec §12.18).
+  ``separate_embedding_dropout``: False (CAMANet, camanet_spec §12.18) — one dropout draw of the target embedding
+  feeds both the relational memory and the decoder; True (R2Gen's and Align2Gen's code, align2gen_spec §7 item 3)
+  — the embedding module runs twice, so the relational memory and the decoder get independent dropout masks (the
+  first draw to the memory). The same in eval mode.
   """
   vocab_size: int
   d_model: int = 512
@@ -257,6 +260,7 @@ class MemoryDrivenTransformer(nn.Module):
   rm_num_slots: int = 3
   rm_num_heads: int = 8
   rm_d_model: int = 512
+  separate_embedding_dropout: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -276,9 +280,14 @@ class MemoryDrivenTransformer(nn.Module):
     mask in cross-attention) → (decoder output (B, L, D), per-layer cross-attention [(B, H, L, N)], target
     embedding E (B, L, D))."""
     length = seq.shape[1]
-    emb = self.tgt_embed[1](self.tgt_embed[0](seq), jnp.arange(length)[None], table_length=length,
-                            deterministic=deterministic)
+    tokens = self.tgt_embed[0](seq)
+
+    def embed():
+      return self.tgt_embed[1](tokens, jnp.arange(length)[None], table_length=length, deterministic=deterministic)
+    emb = embed()
     r = self.rm(emb, deterministic=deterministic)
+    if self.separate_embedding_dropout and not deterministic:
+      emb = embed()  # a second dropout draw for the decoder
     out, attns = self.decoder(emb, memory, mask, r, src_mask, deterministic=deterministic)
     return out, attns, emb
 

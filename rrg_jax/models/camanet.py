@@ -92,6 +92,7 @@ class CAMANet(EncoderDecoderModel):
   rm_num_slots: int = 3
   rm_num_heads: int = 8
   rm_d_model: int = 512
+  separate_embedding_dropout: bool = False  # CAMANet embeds the targets once (one dropout draw, spec §12.18)
   use_vdmae: bool = True
   use_vtac: bool = True
   vtac_anchor: str = "official"
@@ -193,9 +194,9 @@ class CAMANetSystem(EncoderDecoderSystem):
   forward_fields = ("images", "targets", "masks")
   report_outputs = ("probs", "vdm")
 
-  def batch_fields(self) -> dict[str, Field]:
+  def batch_fields(self, train: bool = True) -> dict[str, Field]:
     """The image-report fields plus the pseudo-labels ``labels`` (C,) of the classifier head."""
-    return {**super().batch_fields(), "labels": Field((int(self.config.model.num_classes),), jnp.float32)}
+    return {**super().batch_fields(train), "labels": Field((int(self.config.model.num_classes),), jnp.float32)}
 
   def loss(self, outputs, batch):
     return camanet_loss(outputs, batch, cls_w=float(self.config.loss.cls_w), mse_w=float(self.config.loss.mse_w),

@@ -56,6 +56,7 @@ class R2Gen(EncoderDecoderModel):
   rm_num_slots: int = 3
   rm_num_heads: int = 8
   rm_d_model: int = 512
+  separate_embedding_dropout: bool = True   # R2Gen's decode() embeds the targets twice (two dropout draws)
   dtype: str = "float32"
   remat: bool = False
 

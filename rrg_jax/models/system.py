@@ -3,20 +3,23 @@
 
 A system is a ``System`` subclass registered under its ``config.model.name`` (``models.register``) with a config
 file ``configs/<name>.py`` (``get_config(preset)``). ``System(config)`` builds ``module_class.from_config(
-config.model)``. What a new system implements — everything else has a default here:
+config.model)``; a subclass's ``__init__`` may first fill derived keys of ``config`` in place (e.g. a text
+encoder's vocabulary size read from its tokenizer file) — ``train`` writes the config after building the system. What a new system implements — everything else has a default here:
 
 =========================  ================================================================================
-``module_class``           the Flax module; ``__call__(*forward_fields, train=...)`` is the training forward
-``forward_fields``         the batch fields the training forward takes, in order
+``module_class``           the Flax module; ``__call__(**forward_fields, train=...)`` is the training forward
+``forward_fields``         the batch fields the training forward takes, as keyword arguments of those names
 ``loss(outputs, batch)``   → ``(total, {part: scalar})``, float32 (outputs are cast to float32 before)
-``batch_fields()``         name → ``Field(shape, dtype)`` of the fields that enter the jitted step (default: the
-                           image-report batch of ``input_pipeline.loader``); every other batch key is host-only
-``generate(...)``          decoding (``EncoderDecoderSystem``: encode → cache → step beam search) and the report
-                           extras (``report_outputs``: e.g. class probabilities, the VDM)
+``batch_fields(train)``    name → ``Field(shape, dtype)`` of the fields that enter the jitted step, for training
+                           (``train=True``) or evaluation batches (default: the image-report batch of
+                           ``input_pipeline.loader``); every other batch key is host-only
+``generate(...)``          decoding (``EncoderDecoderSystem``: ``module.encode(*encode_fields)`` → cache → step
+                           beam search) and the report extras (``report_outputs``: e.g. class probabilities, VDM)
 ``torch_vocab_key``,       the checkpoint converter: the key whose first dimension is the vocabulary, regex
-``torch_key_renames``      renames from the original state_dict to the Flax naming rule of ``rrg_jax.convert``
+``torch_key_renames``,     renames from the original state_dict to the Flax naming rule of ``rrg_jax.convert``,
+``torch_dropped_keys``     regexes of original keys with no counterpart (dead modules)
 ``pretrained_backbone_``   the torchvision backbone kind that ``config.model.pretrained_backbone`` names
-``kind``                   (``load_pretrained``; nothing is downloaded)
+``kind``, ``_at``          (``load_pretrained``; nothing is downloaded) and where it sits in the parameter tree
 =========================  ================================================================================
 
 Configuration, not code, decides the rest for every system: parameter groups, learning rates, schedules and
@@ -67,7 +70,9 @@ class System:
   report_outputs: ClassVar[tuple[str, ...]] = ()
   torch_vocab_key: ClassVar[str] = ""
   torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+  torch_dropped_keys: ClassVar[tuple[str, ...]] = ()
   pretrained_backbone_kind: ClassVar[str] = ""   # convert.BACKBONE_KINDS: "densenet" | "resnet"
+  pretrained_backbone_at: ClassVar[tuple[str, ...]] = ("visual_extractor", "model")  # its parameter path
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -75,8 +80,10 @@ class System:
 
   # --- data ---------------------------------------------------------------------------------------------------
 
-  def batch_fields(self) -> dict[str, Field]:
-    """The image-report batch of ``input_pipeline.loader``: images (V, S, S, 3), targets / masks (T,)."""
+  def batch_fields(self, train: bool = True) -> dict[str, Field]:
+    """The image-report batch of ``input_pipeline.loader``: images (V, S, S, 3), targets / masks (T,). ``train``:
+    the fields of training batches (True) or of evaluation batches (False; training-only features absent)."""
+    del train
     d = self.config.data
     s, t = int(d.image_size), int(d.max_seq_length)
     return {"images": Field((int(d.num_views), s, s, 3), jnp.float32), "targets": Field((t,), jnp.int32),
@@ -86,10 +93,11 @@ class System:
     """Zeros of every declared field, batch ``batch_size`` (what ``init`` traces)."""
     return {k: jnp.zeros((batch_size,) + f.shape, f.dtype) for k, f in self.batch_fields().items()}
 
-  def device_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The declared fields of a host batch (host-only keys such as ``ids`` dropped), checked per field."""
+  def device_batch(self, batch: Mapping[str, Any], train: bool = True) -> dict[str, Any]:
+    """The declared fields (``batch_fields(train)``) of a host batch (host-only keys such as ``ids`` dropped),
+    checked per field."""
     out = {}
-    for name, field in self.batch_fields().items():
+    for name, field in self.batch_fields(train).items():
       if name not in batch:
         raise BatchFieldError(f"the {self.name} batch lacks field {name!r} (it has {sorted(batch)}).")
       x = batch[name]
@@ -106,7 +114,7 @@ class System:
     x = self.dummy_batch(1)
     params_key, dropout_key = jax.random.split(key)
     variables = self.module.init({"params": params_key, "dropout": dropout_key},
-                                 *(x[k] for k in self.forward_fields), train=False)
+                                 **{k: x[k] for k in self.forward_fields}, train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   def abstract_variables(self) -> dict[str, Any]:
@@ -115,8 +123,9 @@ class System:
 
   def forward(self, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
               rngs: Mapping[str, jax.Array] | None = None, mutable: Any = False):
-    """The training forward ``module(*batch[forward_fields], train=train)`` (Flax ``apply`` semantics)."""
-    return self.module.apply(variables, *(batch[k] for k in self.forward_fields), train=train, rngs=rngs,
+    """The training forward ``module(**{k: batch[k] for k in forward_fields}, train=train)`` (Flax ``apply``
+    semantics)."""
+    return self.module.apply(variables, **{k: batch[k] for k in self.forward_fields}, train=train, rngs=rngs,
                              mutable=mutable)
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
@@ -125,14 +134,15 @@ class System:
 
   def load_pretrained(self, variables: dict[str, Any]) -> dict[str, Any]:
     """``variables`` with ``config.model.pretrained_backbone`` (a local torchvision file of kind
-    ``pretrained_backbone_kind``) copied into the ``visual_extractor/model`` backbone; unchanged when either is
+    ``pretrained_backbone_kind``) copied into the backbone at ``pretrained_backbone_at``; unchanged when either is
     empty."""
     from rrg_jax import convert  # pylint: disable=g-import-not-at-top
 
     path = self.config.model.get("pretrained_backbone", "")
     if not path or not self.pretrained_backbone_kind:
       return variables
-    return convert.load_torchvision_backbone(path, variables, kind=self.pretrained_backbone_kind)
+    return convert.load_torchvision_backbone(path, variables, kind=self.pretrained_backbone_kind,
+                                             at=self.pretrained_backbone_at)
 
   # --- decoding -----------------------------------------------------------------------------------------------
 
@@ -145,9 +155,12 @@ class System:
   # --- checkpoint conversion ----------------------------------------------------------------------------------
 
   def rename_torch_keys(self, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The original state_dict's keys rewritten by ``torch_key_renames`` (regex, replacement), in order."""
+    """The original state_dict without the ``torch_dropped_keys``, its keys rewritten by ``torch_key_renames``
+    (regex, replacement), in order."""
     out = {}
     for key, value in state_dict.items():
+      if any(re.search(p, key) for p in self.torch_dropped_keys):
+        continue
       for pattern, repl in self.torch_key_renames:
         key = re.sub(pattern, repl, key)
       out[key] = value
@@ -171,8 +184,10 @@ class System:
 
 class EncoderDecoderSystem(System):
   """Systems whose module is an ``layers.encoder_decoder.EncoderDecoderModel`` (R2Gen's memory-driven transformer
-  decoder): reports by ``decoding`` beam search / greedy over the module's encode → cache → step API."""
+  decoder): reports by ``decoding`` beam search / greedy over the module's encode → cache → step API.
+  ``module.encode(*batch[encode_fields])`` gives the decoder memory (and its key mask, see ``EncoderDecoderModel``)."""
   torch_vocab_key: ClassVar[str] = "encoder_decoder.logit.weight"
+  encode_fields: ClassVar[tuple[str, ...]] = ("images",)
 
   def word_attention_layer(self) -> int:
     """The decoder layer whose cross-attention the word heatmaps show (default: the last)."""
@@ -188,6 +203,6 @@ class EncoderDecoderSystem(System):
     if d.method not in decoding.METHODS:
       raise ValueError(f"config.decode.method={d.method!r}; choose one of {decoding.METHODS}.")
     return decoding.encode_and_decode(
-        self.module, variables, batch["images"], method=str(d.method), beam_size=int(d.beam_size),
+        self.module, variables, tuple(batch[k] for k in self.encode_fields), method=str(d.method), beam_size=int(d.beam_size),
         max_len=int(self.config.data.max_seq_length), cached=bool(d.cached), extras=tuple(self.report_outputs),
         attention_layer=self.word_attention_layer() if with_attention else None)

@@ -271,3 +271,87 @@ def scan_similarity(x: torch.Tensor, y: torch.Tensor, lam: float = 20.0, imgnorm
     y = y / (y.norm(dim=-1, keepdim=True) + 1e-8)
   c = _relevance(x @ y.T, lam) @ y
   return ((x * c).sum(dim=1) / (x.norm(dim=1) * c.norm(dim=1)).clamp(min=1e-8)).mean()
+
+
+# --- the whole model: text branches, [RECON] GAB / LAB, the R2Gen encoder-decoder ------------------------------
+
+class TextExtractor(nn.Module):
+  """§5: HF ``BertModel`` (``bert``) → ``fc`` (hidden → d_e) → F.normalize; (ids, mask) (N, T) → (N, T, d_e)."""
+
+  def __init__(self, bert_config, embed_size: int):
+    super().__init__()
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    self.bert = transformers.BertModel(bert_config)
+    self.fc = nn.Linear(bert_config.hidden_size, embed_size)
+
+  def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    return F.normalize(self.fc(h), dim=-1)
+
+
+def ranking_loss(sim: torch.Tensor, margin: float) -> torch.Tensor:
+  """§6.6 hardest-negative hinge, sum reduction, written with loops (sim: images × texts)."""
+  b = sim.shape[0]
+  total = sim.new_zeros(())
+  for i in range(b):
+    total = total + torch.stack([F.relu(margin + sim[i, j] - sim[i, i]) for j in range(b) if j != i]).max()
+  for j in range(b):
+    total = total + torch.stack([F.relu(margin + sim[i, j] - sim[j, j]) for i in range(b) if i != j]).max()
+  return total
+
+
+class Align(nn.Module):
+  """The official ``align`` attribute tree (§6.1): ``visual_extractor``, ``text_extractor``, ``textlist_extractor``."""
+
+  def __init__(self, cfg, bert_config):
+    super().__init__()
+    self.visual_extractor = MultiTargetExtractor(cfg.depth, cfg.resnet_widths, cfg.simple_widths, cfg.lera, 0.0)
+    self.text_extractor = TextExtractor(bert_config, cfg.simple_widths[-1])
+    self.textlist_extractor = TextExtractor(bert_config, cfg.simple_widths[-1])
+
+
+class Align2Gen(nn.Module):
+  """``align`` + the R2Gen ``encoder_decoder`` (``encoder_decoder``, d_vf = d_e). The [RECON] fusion
+  ``att_feats = cat(patch_feats, region_feats)`` WITHOUT a source mask (``mask_empty_regions: false``), GAB over
+  (report tokens, patches), LAB over (sentence vectors, valid regions) of the images with both."""
+
+  def __init__(self, cfg, bert_config, encoder_decoder: nn.Module, margin: float = 0.2, lam: float = 20.0):
+    super().__init__()
+    self.align = Align(cfg, bert_config)
+    self.encoder_decoder = encoder_decoder
+    self.margin, self.lam = margin, lam
+
+  def forward(self, images, targets, regions, text_ids, text_mask, sentence_ids, sentence_mask):
+    """images (B, 3, H, W), regions (B, M, 3, R, R), targets (B, T); text (B, Tw); sentences (B, S, Ts) →
+    (log-probs (B, T−1, V), gab, lab)."""
+    region_feats, _, patch_feats = self.align.visual_extractor(images, regions)
+    memory = self.encoder_decoder.encode(torch.cat([patch_feats, region_feats], 1))
+    seq = targets[:, :-1]
+    keys = seq > 0
+    keys[:, 0] = True
+    mask = keys[:, None, :] & torch.tril(torch.ones(1, seq.shape[1], seq.shape[1], dtype=torch.bool))
+    logprobs, _ = self.encoder_decoder.logprobs(memory, seq, mask)
+    b = images.shape[0]
+    tokens = self.align.text_extractor(text_ids, text_mask)
+    lengths = text_mask.sum(1)
+    sim_g = torch.stack([torch.stack([naaf_similarity(tokens[j, :lengths[j]], patch_feats[i], self.lam)
+                                      for j in range(b)]) for i in range(b)])
+    gab = ranking_loss(sim_g, self.margin)
+    units, valid_regions = [], []
+    for i in range(b):  # TextListExtractor: each image's sentences as one BERT batch
+      rows = sentence_mask[i].sum(1) > 0
+      s_tok = self.align.textlist_extractor(sentence_ids[i][rows], sentence_mask[i][rows])
+      w = sentence_mask[i][rows].to(s_tok.dtype)[..., None]
+      mean = (s_tok * w).sum(1) / w.sum(1)
+      units.append(mean / (mean.norm(dim=-1, keepdim=True) + 1e-8))
+      keep = torch.tensor([not torch.all(regions[i, j] == torch.tensor(PLACEHOLDER, dtype=torch.float32))
+                           for j in range(regions.shape[1])])
+      valid_regions.append(region_feats[i][keep])
+    kept = [i for i in range(b) if len(units[i]) and len(valid_regions[i])]
+    lab = images.new_zeros(())
+    if len(kept) >= 2:
+      sim_l = torch.stack([torch.stack([naaf_similarity(units[j], valid_regions[i], self.lam) for j in kept])
+                           for i in kept])
+      lab = ranking_loss(sim_l, self.margin)
+    return logprobs, gab, lab
