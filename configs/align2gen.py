@@ -65,6 +65,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   m.backbone = "resnet101"              # [CODE] global branch trunk (the code hard-codes 2048 channels for CPCA)
   m.resnet_widths = (64, 128, 256, 512)
   m.cpca_reduce = 4                     # [CODE] CPCA channel-attention reduction
+  m.global_head = "cpca"                # [CODE] CPCA + local_embedder | none (R2Gen's plain ResNet tokens)
   m.simple_widths = (64, 128, 256, 512, 1024)  # [CODE] SimpleConvNet; the last = embed_size d_e (1024)
   m.lera = "ppa"                        # [RECON] LERA: ppa (HCF-Net PPA(3, 3)) | identity (no LERA)
   m.lera_dropout = 0.1

@@ -307,7 +307,9 @@ def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
 
   config = config.copy_and_resolve_references()
   state_dict = load_state_dict(torch_path)
-  vocab_size = models.get_system(config).torch_vocab_size(state_dict, str(torch_path))
+  system_class = models.system_class(config.model.name)
+  vocab_size = system_class.torch_vocab_size(state_dict, str(torch_path))
+  system_class.complete_config_from_torch(config, state_dict, str(torch_path))
   if annotation is None:
     annotation = pathlib.Path(config.data.data_dir) / config.data.annotation
   if not pathlib.Path(annotation).is_file():

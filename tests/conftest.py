@@ -80,7 +80,7 @@ def tiny_r2gen_config(preset: str = "", num_views: int = 1, vocab_size: int = 40
 
 def tiny_align2gen_config(vocab_size: int = 40):
   """An Align2Gen config (the sample preset: CAM boxes, both alignment losses) small enough for CPU unit tests:
-  64x64 images, ResNet-18 of widths 8..64, M = 3 crops of 64², a 1-layer BERT of width 16 over a 64-id text
+  64x64 images, ResNet-18 of widths 8..64, M = 3 crops of 64², a 1-layer BERT of width 16 over a ≤ 128-id text
   tokenizer, transformer width 32."""
   from configs import align2gen
 
@@ -88,11 +88,11 @@ def tiny_align2gen_config(vocab_size: int = 40):
   d = c.data
   d.image_size, d.resize, d.region_size, d.max_boxes, d.max_seq_length = 64, 72, 64, 3, 10
   d.text_max_tokens, d.sentence_max_tokens, d.max_sentences = 12, 6, 3
-  d.text_tokenizer_vocab_size = 64
+  d.text_tokenizer_vocab_size = 128  # the sample's alphabet + specials need 81
   m = c.model
   m.resnet_widths = (8, 16, 32, 64)
   m.simple_widths = (4, 8, 8, 16, 64)
-  m.bert.update(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+  m.bert.update(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 max_position_embeddings=32)
   _tiny_transformer(m, vocab_size)
   c.train.batch_size = 4

@@ -9,6 +9,9 @@ spec's literal torch transcription, not with an original (there is none)."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +240,110 @@ def test_separate_embedding_dropout_draws_two_masks():
   assert np.abs(outs[False][0] - outs[True][0]).max() > 1e-3
   # the first draw is the same in both (fed to the RM); the decoder's differs under separate draws
   assert np.abs(outs[False][2] - outs[True][2]).max() > 1e-3
+
+
+def test_convert_official_state_dict_then_evaluate_and_generate_with_boxes(tmp_path, capsys):
+  """``python -m rrg_jax.convert`` on an official-layout ``.pth`` (vocabulary rebuilt from the sample's
+  annotation, BERT vocabulary read from the state_dict) → an inference checkpoint that ``evaluate`` (lesion crops
+  in the evaluation batches) and ``generate --boxes`` (boxes.png, words.png) run on; its eval log-probs equal
+  the torch model's."""
+  from rrg_jax import cli, evaluate, generate  # pylint: disable=g-import-not-at-top
+  from rrg_jax.metrics import text  # pylint: disable=g-import-not-at-top
+
+  sample = conftest.REPO / "input_pipeline" / "sample_data"
+  config = tiny_align2gen_config()
+  config.model.mask_empty_regions = False  # as the torch reference
+  tokenizer = convert.build_tokenizer(sample / "annotation_boxes.json", config)
+  config.model.vocab_size = tokenizer.vocab_size
+  tmodel = _torch_model(config)
+  torch.save(tmodel.state_dict(), tmp_path / "model_best.pth")
+  config.model.bert.vocab_size = -1   # as the preset: to be read from the state_dict
+  out = convert.convert(tmp_path / "model_best.pth", config, tmp_path / "ckpt", sample / "annotation_boxes.json")
+  system, variables, _ = cli.load_checkpoint(str(out))
+  assert system.config.model.bert.vocab_size == 50
+  batch = _batch(system.config)
+  got = jax.jit(lambda v, b: system.forward(v, b, train=False))(variables, batch)["logprobs"]
+  with torch.no_grad():
+    check("align2gen converted checkpoint", got, tmodel(*_torch_inputs(batch))[0].numpy(), atol=1e-4)
+
+  java = text.java_available
+  text.java_available = lambda: False  # METEOR (a JVM per call) is tested in test_metrics.py
+  try:
+    assert evaluate.main([f"--checkpoint={out}", "--split=test", "--no-progress",
+                          "--config.train.max_eval_examples=3"]) == 0
+  finally:
+    text.java_available = java
+  assert json.loads((out / "eval_test" / "metrics.json").read_text())["num_reports"] == 3
+  records = json.loads((sample / "annotation_boxes.json").read_text())["test"]
+  record = next(r for r in records if sum(b != [-1, -1, -1, -1] for b in r["boxes"]) >= 2)
+  (tmp_path / "boxes.json").write_text(json.dumps({k: record[k] for k in ("boxes", "scores", "height", "width")}))
+  capsys.readouterr()
+  assert generate.main([f"--checkpoint={out}", f"--image={sample / 'images' / record['image_path'][0]}",
+                        f"--boxes={tmp_path / 'boxes.json'}", f"--out={tmp_path / 'maps'}", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert pathlib.Path(result["heatmaps"]["boxes"]).read_bytes()[:4] == b"\x89PNG"
+  (tmp_path / "bad.json").write_text(json.dumps({"boxes": [[0, 0, 5000, 10]], "height": 10, "width": 10}))
+  assert generate.main([f"--checkpoint={out}", f"--image={sample / 'images' / record['image_path'][0]}",
+                        f"--boxes={tmp_path / 'bad.json'}"]) == 2
+  assert "is not inside the 10 x 10" in capsys.readouterr().err
+
+
+def test_pretrained_resnet_and_bert_folders_load_into_their_branches(tmp_path):
+  """``model.pretrained_backbone`` (a torchvision ResNet file) → ``align/visual_extractor/visual_extractor/model``;
+  ``model.bert_pretrained`` (an HF folder saved by ``save_pretrained``) → both text branches, its config.json
+  becoming ``model.bert``, pooler dropped."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  config = tiny_align2gen_config()
+  tnet = resnet_ref.ResNet(18, tuple(config.model.resnet_widths))
+  torch.save(tnet.state_dict(), tmp_path / "resnet18.pth")
+  torch.manual_seed(0)
+  hf = transformers.BertModel(transformers.BertConfig(vocab_size=70, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32,
+                                                      max_position_embeddings=32))
+  hf.save_pretrained(tmp_path / "bert")
+  config.model.pretrained_backbone = str(tmp_path / "resnet18.pth")
+  config.model.bert_pretrained = str(tmp_path / "bert")
+  system = models.get_system(config)
+  assert system.config.model.bert.vocab_size == 70
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), system.abstract_variables())
+  variables = system.load_pretrained(zeros)
+  conv1 = variables["params"]["align"]["visual_extractor"]["visual_extractor"]["model"]["conv1"]["kernel"]
+  np.testing.assert_array_equal(conv1, tnet.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+  for branch in ("text_extractor", "textlist_extractor"):
+    emb = variables["params"]["align"][branch]["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    np.testing.assert_array_equal(emb, hf.embeddings.word_embeddings.weight.detach().numpy())
+
+
+def test_everything_off_is_exactly_the_r2gen_system():
+  """``global_head=none``, no boxes, no GAB/LAB, ``fuse=patches_only``: the R2Gen system's log-probs (eval and
+  train with dropout), loss and beam tokens for the same weights (its ``visual_extractor`` moved under
+  ``align/visual_extractor``)."""
+  config = conftest.tiny_r2gen_config(vocab_size=30)
+  config.data.max_seq_length = T
+  r2gen = models.get_system(config)
+  r2gen_vars = jax.jit(r2gen.init)(jax.random.key(0))
+  a2g_config = tiny_align2gen_config()
+  a2g_config.data.features = ()
+  m = a2g_config.model
+  m.global_head, m.fuse, m.gab, m.lab = "none", "patches_only", False, False
+  a2g = models.get_system(a2g_config)
+  assert a2g.forward_fields == r2gen.forward_fields and a2g.encode_fields == ("images",)
+
+  def moved(tree):  # batch_stats has no encoder_decoder
+    return {"align": {"visual_extractor": {"visual_extractor": tree["visual_extractor"]}},
+            **{k: v for k, v in tree.items() if k == "encoder_decoder"}}
+  a2g_vars = {c: moved(r2gen_vars[c]) for c in ("params", "batch_stats")}
+  assert jax.tree.structure(a2g_vars) == jax.tree.structure(a2g.abstract_variables())
+  batch = {k: v for k, v in _batch(a2g_config).items() if k in ("images", "targets", "masks")}
+  rngs = {"dropout": jax.random.key(5)}
+  for system, variables in ((r2gen, r2gen_vars), (a2g, a2g_vars)):
+    out = jax.jit(lambda v, b, s=system: s.forward(v, b, train=False))(variables, batch)
+    train_out, _ = jax.jit(lambda v, b, s=system: s.forward(v, b, train=True, rngs=rngs, mutable=["batch_stats"]))(
+        variables, batch)
+    tokens = system.generate(variables, batch)["tokens"]
+    if system is r2gen:
+      want = (out["logprobs"], train_out["logprobs"], r2gen.loss(train_out, batch)[0], tokens)
+  got = (out["logprobs"], train_out["logprobs"], a2g.loss(train_out, batch)[0], tokens)
+  for name, g, w in zip(("eval log-probs", "train log-probs", "train loss", "beam tokens"), got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)

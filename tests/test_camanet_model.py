@@ -264,8 +264,8 @@ def test_vtac_anchor_and_vdmae_switches(tiny):
 def test_registry_errors():
   config = tiny_config()
   config.model.name = "nope"
-  with pytest.raises(models.UnknownSystemError, match="'nope' is not a registered system; known: \\['camanet', "
-                                                     "'r2gen'\\]"):
+  with pytest.raises(models.UnknownSystemError, match="'nope' is not a registered system; known: \\['align2gen', "
+                                                     "'camanet', 'r2gen'\\]"):
     models.get_model(config.model)
   with pytest.raises(models.UnknownSystemError):
     models.get_system(config)

@@ -52,6 +52,7 @@ SIMPLE_WIDTHS = (64, 128, 256, 512, 1024)
 SIMPLE_STRIDES = (1, 2, 2, 2, 2)
 LERAS = ("ppa", "identity")
 REGION_BNS = ("per_region", "batched")
+GLOBAL_HEADS = ("cpca", "none")
 
 
 def conv2d_bias(features: int, kernel: tuple[int, int], padding: tuple[int, int], in_features: int, dtype: Any,
@@ -115,6 +116,7 @@ class GlobalVisualBranch(nn.Module):
 
   ``model`` = ``ResNet(depth, widths)`` up to layer4 (C channels), ``cpca`` = ``CPCA`` on C, ``local_embedder`` =
   bias-free 1×1 conv C → ``embed_size`` (torch default init). Neither output is normalised.
+  ``head``: "cpca" ([CODE]) | "none" (R2Gen's plain ResNet tokens, width C: no ``cpca``, no ``local_embedder``).
   """
   depth: int = 101
   widths: Sequence[int] = DEFAULT_WIDTHS
@@ -122,12 +124,16 @@ class GlobalVisualBranch(nn.Module):
   cpca_reduce: int = 4
   remat: bool = False
   dtype: Any = jnp.float32
+  head: str = "cpca"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    x = ResNet(self.depth, tuple(self.widths), self.remat, self.dtype, name="model")(images, train)
-    x = CPCA(self.cpca_reduce, self.dtype, name="cpca")(x)
-    e = conv2d(self.embed_size, 1, 1, 0, self.dtype, "local_embedder", kernel_init=torch_kernel_init)(x)
+    if self.head not in GLOBAL_HEADS:
+      raise ValueError(f"global branch head={self.head!r}; choose one of {GLOBAL_HEADS}.")
+    e = ResNet(self.depth, tuple(self.widths), self.remat, self.dtype, name="model")(images, train)
+    if self.head == "cpca":
+      x = CPCA(self.cpca_reduce, self.dtype, name="cpca")(e)
+      e = conv2d(self.embed_size, 1, 1, 0, self.dtype, "local_embedder", kernel_init=torch_kernel_init)(x)
     b, h, w, d = e.shape
     return e.reshape(b, h * w, d), jnp.mean(e, axis=(1, 2))
 
@@ -351,18 +357,20 @@ class MultiTargetExtractor(LesionBranch):
   (images (B, H, W, 3), regions (B, M, S, S, 3), valid (B, M)) → (region_feats (B, M, d_e), avg_feats (B, d_e),
   patch_feats (B, h·w, d_e)), the official order; regions and valid None (no boxes: the global branch alone, no
   region networks built) → region_feats None. ``LesionBranch``'s attributes, plus the global branch's ``depth``,
-  ``resnet_widths``, ``cpca_reduce``, ``remat``; d_e = ``widths[-1]`` is the ``local_embedder`` width.
+  ``resnet_widths``, ``cpca_reduce``, ``remat``, ``global_head``; d_e = ``widths[-1]`` is the ``local_embedder``
+  width.
   """
   depth: int = 101
   resnet_widths: Sequence[int] = DEFAULT_WIDTHS
   cpca_reduce: int = 4
   remat: bool = False
+  global_head: str = "cpca"
 
   @nn.compact
   def __call__(self, images: jax.Array, regions: jax.Array | None, valid: jax.Array | None, train: bool
                ) -> tuple[jax.Array | None, jax.Array, jax.Array]:
     region_feats = None if regions is None else _region_features(self, regions, valid, train)
     patch_feats, avg_feats = GlobalVisualBranch(self.depth, tuple(self.resnet_widths), self.widths[-1],
-                                                self.cpca_reduce, self.remat, self.dtype,
+                                                self.cpca_reduce, self.remat, self.dtype, self.global_head,
                                                 name="visual_extractor")(images, train)
     return region_feats, avg_feats, patch_feats

@@ -27,6 +27,7 @@ are not built; the converter drops their keys.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -71,6 +72,7 @@ class Align(nn.Module):
   resnet_widths: Sequence[int]
   simple_widths: Sequence[int]
   cpca_reduce: int
+  global_head: str
   lera: str
   lera_dropout: float
   region_bn: str
@@ -83,7 +85,7 @@ class Align(nn.Module):
     self.visual_extractor = MultiTargetExtractor(
         widths=tuple(self.simple_widths), lera=self.lera, lera_dropout=self.lera_dropout, region_bn=self.region_bn,
         depth=self.depth, resnet_widths=tuple(self.resnet_widths), cpca_reduce=self.cpca_reduce, remat=self.remat,
-        dtype=self.dtype)
+        global_head=self.global_head, dtype=self.dtype)
     if self.bert is not None:
       self.text_extractor = TextExtractor(self.bert, self.simple_widths[-1], self.dtype)
       if not self.share_bert:
@@ -111,6 +113,7 @@ class Align2Gen(EncoderDecoderModel):
   resnet_widths: Sequence[int] = (64, 128, 256, 512)
   simple_widths: Sequence[int] = SIMPLE_WIDTHS
   cpca_reduce: int = 4
+  global_head: str = "cpca"
   lera: str = "ppa"
   lera_dropout: float = 0.1
   region_bn: str = "per_region"
@@ -161,8 +164,8 @@ class Align2Gen(EncoderDecoderModel):
       raise ValueError("config.model.gab / lab need the text branches (config.model.bert).")
     dtype = jnp.dtype(self.dtype)
     self.align = Align(BACKBONES[self.backbone], tuple(self.resnet_widths), tuple(self.simple_widths),
-                       self.cpca_reduce, self.lera, self.lera_dropout, self.region_bn, self.bert, self.share_bert,
-                       self.remat, dtype)
+                       self.cpca_reduce, self.global_head, self.lera, self.lera_dropout, self.region_bn, self.bert,
+                       self.share_bert, self.remat, dtype)
     self.encoder_decoder = self.make_encoder_decoder(dtype)
 
   def _visual(self, images, regions, region_valid, train: bool):
@@ -170,6 +173,9 @@ class Align2Gen(EncoderDecoderModel):
     region_feats, _, patch_feats = self.align.visual(images[:, 0], regions, region_valid, train)
     if region_feats is None or self.fuse == "patches_only":
       return patch_feats, None, patch_feats, region_feats
+    if region_feats.shape[-1] != patch_feats.shape[-1]:
+      raise ValueError(f"fuse='concat' needs region features (simple_widths[-1] = {region_feats.shape[-1]}) as wide "
+                       f"as the patch tokens ({patch_feats.shape[-1]}; global_head={self.global_head!r}).")
     att_feats = jnp.concatenate([patch_feats, region_feats.astype(patch_feats.dtype)], axis=1)
     mask = None
     if self.mask_empty_regions:
@@ -198,6 +204,9 @@ class Align2Gen(EncoderDecoderModel):
     out = {"logprobs": logprobs}
     kwargs = self._alignment_kwargs()
     if self.gab:  # report tokens ↔ the 144 patch tokens
+      if patch_feats.shape[-1] != self.simple_widths[-1]:
+        raise ValueError(f"gab needs patch tokens of width simple_widths[-1] = {self.simple_widths[-1]}, got "
+                         f"{patch_feats.shape[-1]} (global_head={self.global_head!r}).")
       tokens = self.align.report_tokens(text_ids, text_mask, train)
       out["gab"] = align.alignment_loss(tokens, text_mask.astype(bool), patch_feats.astype(jnp.float32),
                                         jnp.ones(patch_feats.shape[:2], bool),
@@ -237,7 +246,9 @@ def _complete_bert_config(config: ml_collections.ConfigDict) -> None:
   m = config.model
   folder = m.get("bert_pretrained", "")
   path = config.data.get("text_tokenizer", "")
-  tokenizer_size = int(subword.SubwordTokenizer.load(path).vocab_size) if path else None
+  # (a checkpoint moved without its workdir's text_tokenizer/ still loads: its config has the size)
+  readable = bool(path) and (pathlib.Path(path).exists() or int(m.bert.vocab_size) <= 0)
+  tokenizer_size = int(subword.SubwordTokenizer.load(path).vocab_size) if readable else None
   with config.unlocked():
     if folder:
       m.bert = ml_collections.ConfigDict(dataclasses.asdict(
@@ -284,6 +295,13 @@ class Align2GenSystem(EncoderDecoderSystem):
         ("text_ids", "text_mask", "sentence_ids", "sentence_mask") if self.text else ())
     self.encode_fields = ("images",) + (("regions", "region_valid") if self.lesion else ())
     super().__init__(config)
+
+  @classmethod
+  def complete_config_from_torch(cls, config, state_dict, source):
+    """The BERT vocabulary size from the original's ``text_extractor`` embedding table."""
+    key = "align.text_extractor.bert.embeddings.word_embeddings.weight"
+    if (bool(config.model.gab) or bool(config.model.lab)) and key in state_dict:
+      config.model.bert.vocab_size = int(state_dict[key].shape[0])
 
   def batch_fields(self, train: bool = True) -> dict[str, Field]:
     """The image-report fields, the lesion crops (``lesion_regions``) and, for training, the BERT inputs

@@ -166,13 +166,20 @@ class System:
       out[key] = value
     return out
 
-  def torch_vocab_size(self, state_dict: Mapping[str, np.ndarray], source: str) -> int:
+  @classmethod
+  def torch_vocab_size(cls, state_dict: Mapping[str, np.ndarray], source: str) -> int:
     """The output vocabulary size of an original state_dict (``ConversionError`` if it is not this system's)."""
     from rrg_jax import convert  # pylint: disable=g-import-not-at-top
 
-    if self.torch_vocab_key not in state_dict:
-      raise convert.ConversionError(f"{source} has no {self.torch_vocab_key!r}: not a {self.name} state_dict.")
-    return int(state_dict[self.torch_vocab_key].shape[0])
+    if cls.torch_vocab_key not in state_dict:
+      raise convert.ConversionError(f"{source} has no {cls.torch_vocab_key!r}: not a {cls.name} state_dict.")
+    return int(state_dict[cls.torch_vocab_key].shape[0])
+
+  @classmethod
+  def complete_config_from_torch(cls, config: ml_collections.ConfigDict, state_dict: Mapping[str, np.ndarray],
+                                 source: str) -> None:
+    """Fills, in place, the config keys an original state_dict determines beyond the output vocabulary
+    (``convert`` calls it before building the system); none by default."""
 
   def torch_to_variables(self, state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
     """An original state_dict → this system's variables; one ``ConversionError`` lists every missing,
