@@ -117,6 +117,7 @@ def _grads_to_flax(system, tmodel, params):
 
 def test_whole_model_eval_and_train_match_torch():
   config = tiny_align2gen_config(dropout=0.0)
+  config.model.lera = "ppa"  # the [RECON] LERA stand-in in the whole model too
   config.model.mask_empty_regions = False  # the torch reference concatenates without a source mask
   config.model.dropout = config.model.drop_prob_lm = config.model.lera_dropout = 0.0
   tmodel = _torch_model(config)

@@ -195,17 +195,19 @@ def test_three_steps_one_device_equal_four_devices(name):
 
   h1, s1 = run(1)
   h4, s4 = run(4)
-  for m1, m4 in zip(h1, h4):
+  # Step 1 sees identical parameters: its metrics agree to float32 reduction-order noise. Later steps see the
+  # Adam noise described below (parameters within 1e-4), which Align2Gen's hardest-negative hinges amplify.
+  for i, (m1, m4) in enumerate(zip(h1, h4)):
     assert m1["finite"] and m4["finite"]
     for k in m1:
-      np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5 if i == 0 else 2e-4, atol=1e-6, err_msg=f"step {i + 1} {k}")
   assert int(s1.step) == int(s4.step) == 3
   # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise (1 vs 4 devices) becomes an update
   # of up to ~lr on single elements, so parameters are compared at a fraction of lr (2e-3), not at 1e-5.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4, err_msg=jax.tree_util.keystr(path))
-  for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s4.batch_stats)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.batch_stats), jax.tree.leaves(s4.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4, err_msg=jax.tree_util.keystr(path))  # as the params
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(variables["params"]),
                                                            jax.tree.leaves(s1.params)))
   assert moved > 1e-4  # the steps really trained
