@@ -134,9 +134,10 @@ def test_remat_same_values_and_gradients():
   assert kept["remat"] < 0.8 * kept["plain"]
   l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(fnet, p)))(variables["params"])
   l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  np.testing.assert_allclose(l1, l0, rtol=5e-6)  # two programs (remat recomputes), float32 rounding: ~10 ulp
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g1, g0)
+  # remat changes how the recomputed convolutions' weight gradients are fused and summed (float32 order)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5 * scale), g1, g0)
 
 
 def test_bfloat16_forward_close_to_float32():
