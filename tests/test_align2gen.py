@@ -27,6 +27,7 @@ from torch_reference import align2gen as ref
 from torch_reference import camanet as camanet_ref
 from torch_reference import r2gen as r2gen_ref
 from torch_reference import resnet as resnet_ref
+from torch_reference.batches import random_batch
 
 B, M, T = 4, 3, 10
 
@@ -43,11 +44,7 @@ def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   sentence; the LAB images are 0, 1, 2)."""
   rng = np.random.default_rng(seed)
   d = config.data
-  lengths = rng.integers(4, T + 1, size=B)
-  targets = rng.integers(1, config.model.vocab_size, size=(B, T))
-  masks = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
-  targets[:, 0] = 0
-  targets[np.arange(B), lengths - 1] = 0
+  batch = random_batch(config, rng.integers(4, T + 1, size=B), seed)  # images, targets, masks
   r = d.region_size
   regions = rng.normal(size=(B, M, r, r, 3)).astype(np.float32)
   valid = np.ones((B, M), bool)
@@ -61,9 +58,7 @@ def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   sentence_mask = ((np.arange(ts)[None, None] < s_len[..., None]) & (np.arange(s)[None, :, None] < n_sent[:, None, None])
                    ).astype(np.int32)
   vocab = config.model.bert.vocab_size
-  return {"images": rng.normal(size=(B, 1, d.image_size, d.image_size, 3)).astype(np.float32),
-          "targets": np.where(masks > 0, targets, 0).astype(np.int32), "masks": masks,
-          "regions": regions, "region_valid": valid,
+  return {**batch, "regions": regions, "region_valid": valid,
           "text_ids": (rng.integers(1, vocab, size=(B, tw)) * text_mask).astype(np.int32), "text_mask": text_mask,
           "sentence_ids": (rng.integers(1, vocab, size=(B, s, ts)) * sentence_mask).astype(np.int32),
           "sentence_mask": sentence_mask}

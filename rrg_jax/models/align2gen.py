@@ -42,7 +42,7 @@ from rrg_jax.alignment.lesion import SIMPLE_WIDTHS, MultiTargetExtractor
 from rrg_jax.layers.bert import BertConfig, BertModel
 from rrg_jax.layers.encoder_decoder import EncoderDecoderModel
 from rrg_jax.layers.linear import Linear, torch_kernel_init
-from rrg_jax.models.r2gen import BACKBONES
+from rrg_jax.models.r2gen import BACKBONES, sequential_resnet_renames
 from rrg_jax.models.system import EncoderDecoderSystem, Field, module_kwargs
 
 FUSES = ("concat", "patches_only")
@@ -146,8 +146,7 @@ class Align2Gen(EncoderDecoderModel):
   @classmethod
   def from_config(cls, config: Any) -> Align2Gen:
     kwargs = module_kwargs(cls, config)
-    uses_text = bool(config.get("gab", True)) or bool(config.get("lab", True))
-    kwargs["bert"] = BertConfig(**dict(config.bert)) if uses_text else None
+    kwargs["bert"] = BertConfig(**dict(config.bert)) if uses_text(config) else None
     return cls(**kwargs)
 
   def setup(self):
@@ -236,6 +235,11 @@ class Align2Gen(EncoderDecoderModel):
     return out
 
 
+def uses_text(model_config: Any) -> bool:
+  """Whether the text branches exist: GAB or LAB is on (the BERTs serve only them)."""
+  return bool(model_config.get("gab", True)) or bool(model_config.get("lab", True))
+
+
 def _complete_bert_config(config: ml_collections.ConfigDict) -> None:
   """Fills ``config.model.bert`` in place: from the HF folder ``model.bert_pretrained`` when given, else its
   ``vocab_size`` (−1) from the text tokenizer ``data.text_tokenizer`` (``report_texts.prepare`` trains one when none
@@ -268,12 +272,7 @@ class Align2GenSystem(EncoderDecoderSystem):
   module_class = Align2Gen
   pretrained_backbone_kind = "resnet"   # config.model.pretrained_backbone: a torchvision resnet101 .pth
   pretrained_backbone_at = ("align", "visual_extractor", "visual_extractor", "model")
-  torch_key_renames = (
-      (r"^align\.visual_extractor\.visual_extractor\.model\.0\.", "align.visual_extractor.visual_extractor.model.conv1."),
-      (r"^align\.visual_extractor\.visual_extractor\.model\.1\.", "align.visual_extractor.visual_extractor.model.bn1."),
-      (r"^align\.visual_extractor\.visual_extractor\.model\.([4-7])\.",
-       lambda m: f"align.visual_extractor.visual_extractor.model.layer{int(m.group(1)) - 3}."),
-  )
+  torch_key_renames = sequential_resnet_renames("align.visual_extractor.visual_extractor.model")
   torch_dropped_keys = (r"^align\.visual_extractor\.visual_extractor\.classifier\.",  # dead (no labels exist)
                         r"\.bert\.pooler\.",                                          # dead BERT poolers
                         r"\.bert\.embeddings\.position_ids$")                        # a buffer
@@ -283,7 +282,7 @@ class Align2GenSystem(EncoderDecoderSystem):
     if int(d.num_views) != 1:
       raise ValueError(f"config.data.num_views={d.num_views}: Align2Gen takes one view per study (MIMIC-CXR).")
     self.lesion = "lesion_regions" in tuple(d.get("features", ()))
-    self.text = bool(m.gab) or bool(m.lab)
+    self.text = uses_text(m)
     if self.text and "report_texts" not in tuple(d.get("features", ())):
       raise ValueError("config.model.gab / lab need config.data.features to include 'report_texts'.")
     if bool(m.lab) and not self.lesion:
@@ -300,7 +299,7 @@ class Align2GenSystem(EncoderDecoderSystem):
   def complete_config_from_torch(cls, config, state_dict, source):
     """The BERT vocabulary size from the original's ``text_extractor`` embedding table."""
     key = "align.text_extractor.bert.embeddings.word_embeddings.weight"
-    if (bool(config.model.gab) or bool(config.model.lab)) and key in state_dict:
+    if uses_text(config.model) and key in state_dict:
       config.model.bert.vocab_size = int(state_dict[key].shape[0])
 
   def batch_fields(self, train: bool = True) -> dict[str, Field]:

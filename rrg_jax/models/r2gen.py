@@ -10,6 +10,7 @@ transformer and are not computed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -24,6 +25,14 @@ from rrg_jax.layers.views import view_tokens
 from rrg_jax.models.system import EncoderDecoderSystem, module_kwargs
 
 BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+def sequential_resnet_renames(prefix: str) -> tuple[tuple[str, Any], ...]:
+  """``torch_key_renames`` for a ResNet kept as ``nn.Sequential(*list(resnet.children())[:-2])`` at ``prefix``
+  (R2Gen, Align2Gen): Sequential index 0 → ``conv1``, 1 → ``bn1``, 4–7 → ``layer1``–``layer4``."""
+  p = re.escape(prefix)
+  return ((rf"^{p}\.0\.", f"{prefix}.conv1."), (rf"^{p}\.1\.", f"{prefix}.bn1."),
+          (rf"^{p}\.([4-7])\.", lambda m: f"{prefix}.layer{int(m.group(1)) - 3}."))
 
 
 class VisualExtractor(nn.Module):
@@ -97,12 +106,7 @@ class R2GenSystem(EncoderDecoderSystem):
   module_class = R2Gen
   pretrained_backbone_kind = "resnet"   # config.model.pretrained_backbone: a torchvision resnet* .pth
   forward_fields = ("images", "targets")
-  # The official state_dict keeps the ResNet as nn.Sequential(children()[:-2]): 0 conv1, 1 bn1, 4–7 layer1–4.
-  torch_key_renames = (
-      (r"^visual_extractor\.model\.0\.", "visual_extractor.model.conv1."),
-      (r"^visual_extractor\.model\.1\.", "visual_extractor.model.bn1."),
-      (r"^visual_extractor\.model\.([4-7])\.", lambda m: f"visual_extractor.model.layer{int(m.group(1)) - 3}."),
-  )
+  torch_key_renames = sequential_resnet_renames("visual_extractor.model")
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
