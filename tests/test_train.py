@@ -100,16 +100,19 @@ def _config_file(tmp_path: pathlib.Path, name: str = "camanet") -> pathlib.Path:
   return path
 
 
+# The CLI subprocesses share the session's compilation cache (tests/conftest.py) and cache every program, however
+# quick to compile, so one tiny config's train step is compiled once for all the CLI tests.
+_CACHE_EVERY_PROGRAM = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _train_cli(tmp_path: pathlib.Path, workdir: pathlib.Path, *overrides: str, name: str = "camanet", **kw):
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = _CACHE_EVERY_PROGRAM
   return _cli(f"--config={_config_file(tmp_path, name)}", f"--workdir={workdir}", *overrides, env=env, **kw)
 
 
 def _popen_train(tmp_path: pathlib.Path, workdir: pathlib.Path, *overrides: str, name: str = "camanet"
                  ) -> subprocess.Popen:
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = {**os.environ, **_CACHE_EVERY_PROGRAM}
   return subprocess.Popen([sys.executable, "-m", "rrg_jax.train", f"--config={_config_file(tmp_path, name)}",
                            f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -291,25 +294,30 @@ def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path, name):
-  args = ("--config.train.epochs=2", "--config.train.checkpoint_every_steps=4", "--config.train.eval_splits=()")
+  # Batches of 16: 9 steps per epoch. The interrupted run also checkpoints every 3 steps, the reference only at
+  # epoch ends (a save of a ~1000-leaf state costs seconds on CPU), which shows saving does not perturb training.
+  args = ("--config.train.epochs=2", "--config.train.batch_size=16", "--config.train.eval_splits=()")
+  steps_per_epoch = 147 // 16
   ref = tmp_path / "uninterrupted"
   r = _train_cli(tmp_path, ref, *args, name=name)
   assert r.returncode == 0, r.stderr[-3000:]
   final = _steps(ref)[-1]
-  assert final == 2 * (147 // 4)
+  assert final == 2 * steps_per_epoch
+
+  args += ("--config.train.checkpoint_every_steps=3",)
 
   run = tmp_path / "interrupted"
   proc = _popen_train(tmp_path, run, *args, name=name)
-  _wait_for_step(run, proc, 4)
+  _wait_for_step(run, proc, 3)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
   assert "SIGTERM: saved step" in err
   stopped = _steps(run)[-1]
-  assert stopped >= 4
+  assert stopped >= 3
 
   proc = _popen_train(tmp_path, run, *args, name=name)  # resumes, then dies hard mid-epoch 2
-  _wait_for_step(run, proc, 147 // 4 + 4)
+  _wait_for_step(run, proc, steps_per_epoch + 3)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
 
