@@ -66,8 +66,10 @@ BEAM = 3
 JAX_DECODERS = ("jax cached", "jax cached, no early exit", "jax full prefix")
 
 
-def jax_decoders(model, variables, images: np.ndarray, max_len: int) -> dict:
-  """{name: (run() → {'tokens' (B, max_len), 'steps'}, compile s)} for the three JAX decoders, plus 'encode'."""
+def jax_decoders(model, variables, images: np.ndarray, max_len: int,
+                 names: tuple[str, ...] = (*JAX_DECODERS, "encode")) -> dict:
+  """{name: (run() → {'tokens' (B, max_len), 'steps'}, compile s)} for the three JAX decoders, plus 'encode'
+  (only those in ``names`` are compiled)."""
   import jax
   from rrg_jax import decoding
 
@@ -89,6 +91,8 @@ def jax_decoders(model, variables, images: np.ndarray, max_len: int) -> dict:
       "encode": lambda: jax.jit(lambda v, x: model.apply(v, x, method="encode")["memory"]).lower(variables, images)}
   out = {}
   for name, lower in lowered.items():
+    if name not in names:
+      continue
     compiled, seconds = C.timed(lambda: lower().compile())
     out[name] = (functools.partial(_call, compiled, variables, images), seconds)
   return out

@@ -2,6 +2,7 @@ r"""CAMANet train-step throughput, rrg_jax vs the PyTorch reference, on the same
 
     python benchmarks/train_step.py [--configs iu_xray,mimic_cxr] [--batch-sizes 8,32] [--repeats 5] [--warmup 2]
         [--threads N] [--dtype float32|bfloat16] [--remat] [--memory] [--peak-tflops 989] [--quick]
+        [--host-devices N]
 
 One step = train-mode forward (dropout as configured, BatchNorm batch statistics), CE + cls_w·BCE + mse_w·VTAC-MSE,
 backward, element-wise gradient clipping to ±0.1, two-group Adam/AMSGrad (weight decay 5e-5) update.
@@ -10,6 +11,10 @@ backward, element-wise gradient clipping to ±0.1, two-group Adam/AMSGrad (weigh
   ``make_train_step`` (the system's loss, as ``rrg_jax.train``) → ``jit_train_step`` on a 1-device
   ``sharding.create_mesh``, AOT-compiled (``lower().compile()``, timed as "compile"), state donated and fed back.
   ``--dtype bfloat16`` / ``--remat`` set ``config.model.dtype`` / ``config.model.remat`` (JAX only).
+  On a CPU host the same step also runs on an N-device mesh (N = ``--host-devices``, default: the CPUs
+  ``--threads`` allows, reduced to a divisor of the batch; what ``rrg_jax.train`` uses by default,
+  ``sharding.use_cpu_cores``), one more row: the batch split over N host devices, BatchNorm statistics still over
+  the whole batch.
 * torch: ``tests/torch_reference`` CAMANet in train mode, ``ref.losses``, ``backward()``,
   ``clip_grad_value_(0.1)``, ``torch.optim.Adam`` (visual extractor at lr_ve, the rest at lr_ed, amsgrad) with the
   group lrs set each step from the same lagged warm-up/step schedule; float32 on CPU (torch is CPU-only here).
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import pathlib
 import sys
 
@@ -57,16 +63,17 @@ STEPS_PER_EPOCH = 100  # only shapes the LR schedule
 
 # --- JAX ------------------------------------------------------------------------------------------------------
 
-def jax_train_step(config, variables, batch):
-  """The production step on numpy ``variables`` and ``batch`` → (run() → loss, compiled executable, compile s).
-  ``run`` blocks on the new state and metrics and keeps the new state for the next call."""
+def jax_train_step(config, variables, batch, devices: int = 1):
+  """The production step on numpy ``variables`` and ``batch`` over ``devices`` devices → (run() → loss,
+  compiled executable, compile s). ``run`` blocks on the new state and metrics and keeps the new state for the
+  next call."""
   import jax
   from rrg_jax import models, optim, sharding
   from rrg_jax import train_state as ts
 
   system = models.get_system(config)
   tx = optim.make_optimizer(config, STEPS_PER_EPOCH)
-  mesh = sharding.create_mesh((1,))
+  mesh = sharding.create_mesh((devices,))
   state = ts.create_train_state(jax.device_put(variables), tx, jax.random.key(config.seed))
   state = jax.device_put(state, ts.state_sharding(state, mesh))
   step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
@@ -166,15 +173,22 @@ def time_one(preset: str, b: int, args) -> dict:
   _, variables = C.to_flax(tmodel, config)
   jax_run, compiled, compile_s = jax_train_step(config, variables, batch)
   jax_bb, bb_compiled = jax_backbone(config, variables, batch["images"])
+  n = max(d for d in range(1, len(jax.devices()) + 1) if b % d == 0) if jax.default_backend() == "cpu" else 1
+  sides = {}
+  loss = {"jax": [], "torch": []}
+  if n > 1:
+    jax_n_run, _, compile_n_s = jax_train_step(config, variables, batch, devices=n)
+    loss[f"jax {n} devices"] = []
+    sides[f"jax {n} devices"] = lambda: loss[f"jax {n} devices"].append(jax_n_run())
   del variables
   torch_run = torch_train_step(config, tmodel, batch)
   torch_bb = torch_backbone(tmodel, C.torch_inputs(batch)[0])
-  loss = {"jax": [], "torch": []}
-  times = C.interleaved({"jax": lambda: loss["jax"].append(jax_run()),
-                         "torch": lambda: loss["torch"].append(torch_run()), "jax_bb": jax_bb, "torch_bb": torch_bb},
-                        warmup=args.warmup, repeats=args.repeats)
+  sides.update({"jax": lambda: loss["jax"].append(jax_run()), "torch": lambda: loss["torch"].append(torch_run()),
+                "jax_bb": jax_bb, "torch_bb": torch_bb})
+  times = C.interleaved(sides, warmup=args.warmup, repeats=args.repeats)
+  compile_s = {"jax": compile_s, **({f"jax {n} devices": compile_n_s} if n > 1 else {})}
   return dict(config=preset, batch=b, times={k: C.median(v) for k, v in times.items()}, compile_s=compile_s,
-              flops=C.xla_flops(compiled), bb_flops=C.xla_flops(bb_compiled), loss=loss)
+              flops=C.xla_flops(compiled), bb_flops=C.xla_flops(bb_compiled), loss=loss, host_devices=n)
 
 
 def child(args) -> None:
@@ -245,6 +259,8 @@ def main() -> None:
   parser.add_argument("--remat", action="store_true", help="JAX: rematerialise DenseNet layers")
   parser.add_argument("--memory", action="store_true", help="peak memory per side in child processes")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100/H200 bf16 dense)")
+  parser.add_argument("--host-devices", type=int, default=None,
+                      help="CPU host: JAX devices of the second JAX row (default: the --threads CPUs)")
   parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = C.parse_args(parser)
   if args.child:
@@ -258,6 +274,8 @@ def main() -> None:
   import torch  # noqa: F401  (limit_cpus sets its threads)
 
   threads = C.limit_cpus(args.threads)
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", args.host_devices or threads)
   print(C.describe_machine(), f"| JAX dtype {args.dtype}, remat {args.remat}, threads {threads}", flush=True)
   gpu = jax.default_backend() == "gpu"
   rows, ratios = [], []
@@ -265,11 +283,13 @@ def main() -> None:
     for b in batch_sizes:
       r = time_one(preset, b, args)
       t, tag = r["times"], f"{preset} b{b}"
-      for side in ("jax", "torch"):
-        full, bb = t[side], t[f"{side}_bb"]
-        row = [preset, str(b), side if side == "torch" else f"jax {args.dtype}" + (" remat" if args.remat else ""),
-               C.fmt(1e3 * full), C.fmt(b / full), C.fmt(1e3 * bb), C.fmt(1e3 * (full - bb)),
-               C.fmt(r["compile_s"]) if side == "jax" else "-", C.fmt(r["flops"] / 1e9, 0),
+      multi = f"jax {r['host_devices']} devices"
+      for side in ("jax", multi, "torch") if multi in t else ("jax", "torch"):
+        full, bb = t[side], t.get(f"{side}_bb")
+        name = side if side == "torch" else side.replace("jax", f"jax {args.dtype}") + (" remat" if args.remat else "")
+        row = [preset, str(b), name, C.fmt(1e3 * full), C.fmt(b / full),
+               C.fmt(1e3 * bb) if bb else "-", C.fmt(1e3 * (full - bb)) if bb else "-",
+               C.fmt(r["compile_s"][side]) if side in r["compile_s"] else "-", C.fmt(r["flops"] / 1e9, 0),
                C.fmt(r["flops"] / full / 1e12, 3)]
         if gpu:
           row.append(C.fmt(100 * r["flops"] / full / 1e12 / args.peak_tflops, 1) + "%" if side == "jax" else "-")
@@ -277,6 +297,8 @@ def main() -> None:
         rows.append(row)
       ratios += [(f"train_step {tag}", t["torch"] / t["jax"]), (f"backbone {tag}", t["torch_bb"] / t["jax_bb"]),
                  (f"rest {tag}", (t["torch"] - t["torch_bb"]) / max(t["jax"] - t["jax_bb"], 1e-9))]
+      if multi in t:
+        ratios.append((f"train_step {multi} {tag}", t["torch"] / t[multi]))
       print(f"  done {tag}: jax {1e3 * t['jax']:.0f} ms, torch {1e3 * t['torch']:.0f} ms; backbone GFLOP "
             f"{r['bb_flops'] / 1e9:.0f} of {r['flops'] / 1e9:.0f}", file=sys.stderr, flush=True)
       gc.collect()

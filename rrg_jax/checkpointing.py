@@ -52,11 +52,17 @@ def read_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 def save_inference(directory: str | pathlib.Path, config: ml_collections.ConfigDict,
                    variables: dict[str, Any], tokenizer) -> pathlib.Path:
-  """Writes config, vocabulary and model variables as an inference checkpoint at ``directory``."""
+  """Writes config, vocabulary and model variables as an inference checkpoint at ``directory``.
+
+  Multi-process: every process must call it (the variables are written collectively); process 0 alone writes
+  the config and vocabulary."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
-  write_config(directory, config)
-  tokenizer.save(directory / VOCAB_FILE)
+  if jax.process_index() == 0:
+    write_config(directory, config)
+    tokenizer.save(directory / VOCAB_FILE)
   target = directory / VARIABLES_DIR
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, dict(variables), force=True)

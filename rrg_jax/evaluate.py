@@ -170,10 +170,13 @@ def run(argv: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  compilation_cache.enable()
-  return cli.run_main(lambda: run(argv))
+  def initialized_run():
+    sharding.initialize_distributed()
+    compilation_cache.enable()
+    return run(argv)
+
+  return cli.run_main(initialized_run)
 
 
 if __name__ == "__main__":
-  sharding.initialize_distributed()
   sys.exit(main())

@@ -44,15 +44,82 @@ def should_initialize_distributed(environ: dict[str, str] | None = None) -> bool
   return len([h for h in hosts.split(",") if h]) > 1
 
 
+def distributed_arguments(environ: dict[str, str] | None = None) -> dict[str, int | str]:
+  """``jax.distributed.initialize`` keyword arguments from the environment.
+
+  ``JAX_COORDINATOR_ADDRESS`` JAX reads itself; ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (which JAX reads only
+  through its SLURM / Open MPI / TPU detection) are passed on here. ``RRG_JAX_DISTRIBUTED_TIMEOUT_S`` (default 300)
+  bounds every wait: the start-up rendezvous, the heartbeat that declares a silent peer dead, and the shutdown
+  barrier, so a process whose peer died fails instead of hanging.
+  """
+  env = os.environ if environ is None else environ
+  kwargs: dict[str, int | str] = {}
+  for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if env.get(key, "") != "":
+      try:
+        kwargs[name] = int(env[key])
+      except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer.") from None
+  timeout = env.get("RRG_JAX_DISTRIBUTED_TIMEOUT_S", "")
+  try:
+    seconds = int(timeout) if timeout else 300
+  except ValueError:
+    raise ValueError(f"environment variable RRG_JAX_DISTRIBUTED_TIMEOUT_S={timeout!r} is not an integer.") from None
+  kwargs.update(initialization_timeout=seconds, heartbeat_timeout_seconds=seconds, shutdown_timeout_seconds=seconds)
+  return kwargs
+
+
 def initialize_distributed() -> bool:
-  """Calls ``jax.distributed.initialize()`` (arguments from the environment) for multi-process launches.
+  """Calls ``jax.distributed.initialize`` (arguments from the environment, ``distributed_arguments``) for
+  multi-process launches; CPU processes exchange collectives through Gloo.
 
   Returns whether it initialised. Must run before the first device query.
   """
   if not should_initialize_distributed():
     return False
-  jax.distributed.initialize()
+  jax.distributed.initialize(**distributed_arguments())
   return True
+
+
+CPU_DEVICES_ENV = "RRG_JAX_CPU_DEVICES"
+
+
+def cpu_device_count(batch_size: int | None = None, environ: dict[str, str] | None = None,
+                     cores: int | None = None) -> int | None:
+  """How many data-parallel devices a CPU host should expose, or None to leave JAX's setting alone.
+
+  A CPU host runs every core as one device by default, so XLA:CPU works on the batch shards in parallel
+  (BatchNorm statistics still reduce over the global batch: the same math). With ``batch_size``, the count is the
+  largest divisor of this process's share of it (``JAX_NUM_PROCESSES``) not above the core count, so the batch
+  still splits evenly. ``RRG_JAX_CPU_DEVICES=N`` asks for N; JAX's own settings
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_NUM_CPU_DEVICES``) win over both.
+  """
+  env = os.environ if environ is None else environ
+  if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+    return None
+  raw = env.get(CPU_DEVICES_ENV, "")
+  if raw:
+    try:
+      n = int(raw)
+    except ValueError:
+      n = 0
+    if n < 1:
+      raise ValueError(f"environment variable {CPU_DEVICES_ENV}={raw!r} is not a positive integer.")
+    return n
+  n = cores or len(os.sched_getaffinity(0))
+  if batch_size:  # this process's share of the global batch
+    local = batch_size // max(1, int(env.get("JAX_NUM_PROCESSES") or 1))
+    n = max(d for d in range(1, n + 1) if local % d == 0)
+  return n
+
+
+def use_cpu_cores(batch_size: int | None = None) -> int | None:
+  """Applies ``cpu_device_count`` (``jax_num_cpu_devices``); call before the first device query. Returns the
+  count set, or None when JAX's own setting stands."""
+  n = cpu_device_count(batch_size)
+  if n is not None:
+    jax.config.update("jax_num_cpu_devices", n)
+  return n
 
 
 def create_mesh(mesh_shape: Sequence[int] = (-1,), devices: Sequence[jax.Device] | None = None) -> Mesh:

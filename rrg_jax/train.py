@@ -34,8 +34,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rrg_jax import checkpointing, cli, compilation_cache, curves, optim, sharding
@@ -99,6 +101,8 @@ class Progress:
   bad_epochs: int = 0
   best_epoch: int | None = None
   early_stopped: bool = False
+  loss_sums: dict[str, float] = dataclasses.field(default_factory=dict)  # this epoch's loss parts so far,
+  loss_steps: int = 0                                                     # so a resumed epoch averages them all
 
   def done(self, config: ml_collections.ConfigDict) -> bool:
     return self.early_stopped or self.epoch >= config.train.epochs
@@ -136,11 +140,21 @@ class MetricsLogger:
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls after each step (checkpoint, then exit)."""
+  """Turns SIGTERM into a flag the loop polls after each step (checkpoint, then exit).
+
+  Multi-process, ``any_process()`` asks every process after each step (a few bytes through the collectives), so
+  a SIGTERM reaching one process, or several at different steps, stops all of them at the same step: the
+  checkpoint save is collective.
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.raised
+    return bool(multihost_utils.process_allgather(np.asarray(self.raised)).any())
 
   def __enter__(self):
     self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -270,7 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         epoch = progress.epoch
         bar = tqdm.tqdm(total=steps_per_epoch, initial=progress.batches_done, disable=not main,
                         desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
-        sums, n = {}, 0
         while progress.batches_done < steps_per_epoch:
           state, m = train_step(state, loader.to_global_batch(system.device_batch(next(data_iter)), mesh))
           m = jax.device_get(m)
@@ -288,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             started = None
           progress.batches_done += 1
           parts = {k: float(v) for k, v in m.items()}
-          sums, n = {k: sums.get(k, 0.0) + v for k, v in parts.items()}, n + 1
+          progress.loss_sums = {k: progress.loss_sums.get(k, 0.0) + v for k, v in parts.items()}
+          progress.loss_steps += 1
           lrs = {f"lr_{g}": float(schedule(step - 1)) for g, schedule in lr_schedules.items()}
           rate = speed.tick()
           bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()},
@@ -297,16 +311,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           if step % config.train.log_every_steps == 0:
             metrics.write(step, {"epoch": epoch + 1, **parts, **lrs, "examples_per_s": rate}, "train")
           every = config.train.checkpoint_every_steps
-          if sigterm.raised or (every and step % every == 0 and progress.batches_done < steps_per_epoch):
+          stop = sigterm.any_process()
+          if stop or (every and step % every == 0 and progress.batches_done < steps_per_epoch):
             save(state, progress)
-          if sigterm.raised:
+          if stop:
             ckpt.wait()
             logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.", step,
                             ckpt.directory)
             return progress
         bar.close()
 
-        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        row = {"epoch": epoch + 1,
+               **{f"train_{k}": v / max(progress.loss_steps, 1) for k, v in progress.loss_sums.items()}}
         for split in config.train.eval_splits:
           scores, reports = evaluate.evaluate_split(system, state.variables(), tokenizer,
                                                     loader.eval_batches(config, tokenizer, split), mesh=mesh,
@@ -315,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           if main:
             evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
                                    evaluate.class_names(config))
-        progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0)
+        progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0, loss_sums={}, loss_steps=0)
         if any(k.startswith("val_") for k in row):
           progress, improved = _select(progress, row, config.train)
           if improved:
@@ -328,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           logging.info("Early stopping: %d epochs in a row without improvement.", progress.bad_epochs)
         save(state, progress)
         speed.reset()
-        if sigterm.raised:
+        if sigterm.any_process():
           return progress
   finally:
     ckpt.wait()
@@ -362,11 +378,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/camanet.py or configs/camanet.py:iu_xray.")
   workdir = _WORKDIR.value or default_workdir(_CONFIG.value)
   logging.get_absl_logger().addFilter(_QuietOrbax())
-  sharding.initialize_distributed()
-  cache = compilation_cache.enable(_CONFIG.value.get("compilation_cache", compilation_cache.DEFAULT))
-  logging.info("XLA compilation cache: %s", cache or "off")
-  logging.info("Workdir: %s", pathlib.Path(workdir).absolute())
   try:
+    cpu_devices = sharding.use_cpu_cores(_CONFIG.value.train.batch_size)
+    sharding.initialize_distributed()
+    if cpu_devices is not None:
+      logging.info("CPU devices per process: %d (RRG_JAX_CPU_DEVICES to change)", cpu_devices)
+    cache = compilation_cache.enable(_CONFIG.value.get("compilation_cache", compilation_cache.DEFAULT))
+    logging.info("XLA compilation cache: %s", cache or "off")
+    logging.info("Workdir: %s", pathlib.Path(workdir).absolute())
     progress = train_and_evaluate(_CONFIG.value, workdir)
   except NonFiniteLossError as e:
     logging.error("%s", e)

@@ -58,3 +58,25 @@ def test_initialize_distributed_single_process_is_noop(monkeypatch):
   for k in ("RRG_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(k, raising=False)
   assert sharding.initialize_distributed() is False
+
+
+def test_distributed_arguments_from_the_environment():
+  args = sharding.distributed_arguments({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+                                         "RRG_JAX_DISTRIBUTED_TIMEOUT_S": "45"})
+  assert args == {"num_processes": 2, "process_id": 1, "initialization_timeout": 45,
+                  "heartbeat_timeout_seconds": 45, "shutdown_timeout_seconds": 45}
+  assert sharding.distributed_arguments({}) == {"initialization_timeout": 300, "heartbeat_timeout_seconds": 300,
+                                                "shutdown_timeout_seconds": 300}  # SLURM / MPI / TPU: JAX detects
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
+    sharding.distributed_arguments({"JAX_PROCESS_ID": "one"})
+
+
+def test_cpu_device_count_uses_every_core_unless_told_otherwise():
+  assert sharding.cpu_device_count(environ={}, cores=2) == 2
+  assert sharding.cpu_device_count(batch_size=16, environ={}, cores=6) == 4  # largest divisor of the batch
+  assert sharding.cpu_device_count(batch_size=7, environ={}, cores=6) == 1
+  assert sharding.cpu_device_count(environ={"RRG_JAX_CPU_DEVICES": "3"}, cores=2) == 3
+  assert sharding.cpu_device_count(environ={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                            "RRG_JAX_CPU_DEVICES": "3"}, cores=2) is None  # JAX's own flag wins
+  with pytest.raises(ValueError, match="RRG_JAX_CPU_DEVICES='0' is not a positive integer"):
+    sharding.cpu_device_count(environ={"RRG_JAX_CPU_DEVICES": "0"})

@@ -134,6 +134,11 @@ def _wait_for_step(workdir: pathlib.Path, proc: subprocess.Popen, min_step: int,
   raise TimeoutError(f"no checkpoint >= {min_step} in {workdir} after {timeout}s")
 
 
+def _epoch_train_losses(workdir: pathlib.Path) -> list[dict[str, float]]:
+  rows = [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k.startswith("train_")} for r in rows if r["kind"] == "epoch"]
+
+
 def _restore_state(workdir: pathlib.Path, step: int) -> dict:
   """A train checkpoint's state as host numpy arrays (no model or target tree needed)."""
   path = workdir / checkpointing.TRAIN_CHECKPOINTS_DIR / str(step) / "state"
@@ -141,35 +146,6 @@ def _restore_state(workdir: pathlib.Path, step: int) -> dict:
     tree = ckptr.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _synthetic_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  """A random batch of the system's declared fields."""
-  rng = np.random.default_rng(seed)
-  d, m = config.data, config.model
-  lengths = rng.integers(4, d.max_seq_length + 1, size=batch_size)
-  targets = rng.integers(1, m.vocab_size, size=(batch_size, d.max_seq_length)).astype(np.int32)
-  masks = (np.arange(d.max_seq_length)[None] < lengths[:, None]).astype(np.float32)
-  targets[:, 0] = 0
-  targets[np.arange(batch_size), lengths - 1] = 0
-  targets = np.where(masks > 0, targets, 0).astype(np.int32)
-  batch = {"images": rng.normal(size=(batch_size, d.num_views, d.image_size, d.image_size, 3)).astype(np.float32),
-           "targets": targets, "masks": masks}
-  if "num_classes" in m:
-    labels = (rng.random((batch_size, m.num_classes)) < 0.3).astype(np.float32)
-    labels[:, 0] = 1.0  # every sample has a positive finding (VTAC keeps it)
-    batch["labels"] = labels
-  from rrg_jax import models  # pylint: disable=g-import-not-at-top
-
-  for name, field in models.get_system(config).batch_fields().items():  # any other field the system declares
-    shape = (batch_size,) + field.shape
-    if name in batch:
-      continue
-    if np.dtype(field.dtype) == np.float32:
-      batch[name] = rng.normal(size=shape).astype(np.float32)
-    else:  # bool / int32 masks and ids: 0 or 1 is valid for every vocabulary
-      batch[name] = (rng.random(shape) < 0.7).astype(field.dtype)
-  return batch
 
 
 # --- the jitted step is the same on 1 and on 4 devices ------------------------------------------------------
@@ -184,7 +160,7 @@ def test_three_steps_one_device_equal_four_devices(name):
   system = models.get_system(config)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
   variables = jax.device_get(system.init(jax.random.key(0)))  # host copy: state is donated
-  batches = [_synthetic_batch(config, 8, seed) for seed in range(3)]
+  batches = [models.get_system(config).random_batch(8, seed) for seed in range(3)]
 
   def run(n_devices: int):
     mesh = sharding.create_mesh((n_devices,))
@@ -237,7 +213,7 @@ def test_bfloat16_loss_curve_within_two_percent_of_float32():
     mesh = sharding.create_mesh((1,))
     state = jax.device_put(ts.create_train_state(variables, tx, jax.random.key(1)), sharding.replicated(mesh))
     step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
-    batches = batches or [_synthetic_batch(config, 4, seed) for seed in range(4)]
+    batches = batches or [models.get_system(config).random_batch(4, seed) for seed in range(4)]
     history = []
     for i in range(20):
       state, m = step(state, jax.device_put(batches[i % 4], sharding.batch_sharding(mesh)))
@@ -325,6 +301,7 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path, name):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from" in r.stderr
   assert _steps(run)[-1] == final
+  assert _epoch_train_losses(run) == _epoch_train_losses(ref)  # a resumed epoch averages all its steps
   a, b = _restore_state(ref, final), _restore_state(run, final)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))

@@ -93,6 +93,35 @@ class System:
     """Zeros of every declared field, batch ``batch_size`` (what ``init`` traces)."""
     return {k: jnp.zeros((batch_size,) + f.shape, f.dtype) for k, f in self.batch_fields().items()}
 
+  def random_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random host batch of every declared training field (benchmarks, tests): reports of random length
+    4..T (BOS and EOS = 0 at their ends, random ids between, zero-padded) with their ``masks``; ``images`` N(0, 1);
+    ``labels`` (when declared) ~30% positive with class 0 always positive (every example has a finding); any
+    other float field N(0, 1), any other field 0 or 1 (valid for every vocabulary, mask and flag)."""
+    rng = np.random.default_rng(seed)
+    fields = self.batch_fields()
+    t = fields["targets"].shape[0]
+    lengths = rng.integers(4, t + 1, size=batch_size)
+    targets = rng.integers(1, int(self.config.model.vocab_size), size=(batch_size, t)).astype(np.int32)
+    masks = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+    targets[:, 0] = 0
+    targets[np.arange(batch_size), lengths - 1] = 0
+    batch = {"targets": np.where(masks > 0, targets, 0).astype(np.int32), "masks": masks,
+             "images": rng.normal(size=(batch_size,) + fields["images"].shape).astype(np.float32)}
+    if "labels" in fields:
+      labels = (rng.random((batch_size,) + fields["labels"].shape) < 0.3).astype(np.float32)
+      labels[:, 0] = 1.0
+      batch["labels"] = labels
+    for name, field in fields.items():
+      if name in batch:
+        continue
+      shape = (batch_size,) + field.shape
+      if np.issubdtype(np.dtype(field.dtype), np.floating):
+        batch[name] = rng.normal(size=shape).astype(field.dtype)
+      else:
+        batch[name] = (rng.random(shape) < 0.7).astype(field.dtype)
+    return {name: batch[name] for name in fields}
+
   def device_batch(self, batch: Mapping[str, Any], train: bool = True) -> dict[str, Any]:
     """The declared fields (``batch_fields(train)``) of a host batch (host-only keys such as ``ids`` dropped),
     checked per field."""
