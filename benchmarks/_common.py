@@ -40,6 +40,15 @@ def limit_cpus(n: int | None) -> int:
   return n
 
 
+def set_host_devices(n: int) -> None:
+  """Exposes ``n`` CPU devices (``jax_num_cpu_devices``) unless ``XLA_FLAGS`` already sets the count; call before
+  the first jax computation."""
+  import jax
+
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def rss_mib() -> float:
   """Peak resident set size of this process so far (``ru_maxrss``; KiB on Linux) in MiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

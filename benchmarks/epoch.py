@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import pathlib
 import sys
 
@@ -104,15 +103,12 @@ def main() -> None:
   from rrg_jax import sharding
 
   threads = C.limit_cpus(args.threads)
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    jax.config.update("jax_num_cpu_devices", args.host_devices or threads)
+  C.set_host_devices(args.host_devices or threads)
   print(C.describe_machine(), f"| beam {decode.BEAM}, EOS bias {args.eos_bias:+g}, threads {threads}", flush=True)
   ratios = []
   for preset in args.configs.split(","):
     b = args.batch_size or int(C.full_config(preset).train.batch_size)
-    devices = 1
-    if jax.default_backend() == "cpu":
-      devices = sharding.cpu_device_count(b, environ={}, cores=len(jax.devices()))
+    devices = sharding.devices_for_batch(b, len(jax.devices())) if jax.default_backend() == "cpu" else 1
     r = time_one(preset, b, devices, args)
     rows, parts = [], {}
     for side in ("jax", "torch"):

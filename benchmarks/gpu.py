@@ -3,7 +3,7 @@ r"""The accelerator table, JAX only, in one short run (under 8 minutes on one H1
     python benchmarks/gpu.py [--steps 5] [--warmup 2] [--only camanet,r2gen,align2gen,decode] [--peak-tflops X]
     python benchmarks/gpu.py --tiny        # the tests' tiny configs: a smoke test of the script on a CPU
 
-Rows, each the production train step (``train_step.jax_train_step``: the system's loss, clipping, optimiser,
+Rows, each the production train step (``train_step.lower_train_step``: the system's loss, clipping, optimiser,
 donated state, one device) on random weights (``System.init``) and a random batch of the system's declared
 fields (``System.random_batch``):
 
@@ -34,12 +34,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 from benchmarks import _common as C  # noqa: E402
+from benchmarks import decode, train_step  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device kind (first substring match): NVIDIA's and Google's data sheets.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("TPU v6", 918.0),
                     ("TPU v5p", 459.0), ("TPU v5", 197.0), ("TPU v4", 275.0))
 DECODE_EOS_BIAS = -30.0
-BEAM = 3
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -89,8 +89,7 @@ def lower(case: dict):
   """→ (lowered program, args, state holder) of one case, ready to compile."""
   import jax
   import numpy as np
-  from rrg_jax import decoding, models, optim, sharding
-  from rrg_jax import train_state as ts
+  from rrg_jax import decoding, models
 
   config, b = case["config"], case["batch"]
   system = models.get_system(config)
@@ -103,16 +102,11 @@ def lower(case: dict):
     variables = {**variables, "params": {**p, "encoder_decoder": {**ed, "logit": logit}}}
     images = jax.device_put(np.asarray(batch["images"]))
     lowered = decoding.encode_and_decode.lower(system.module, variables, (images,), method="beam",
-                                               beam_size=BEAM, max_len=int(config.data.max_seq_length),
+                                               beam_size=decode.BEAM, max_len=int(config.data.max_seq_length),
                                                cached=True)
     return lowered, (variables, images), None
-  tx = optim.make_optimizer(config, 100)
-  mesh = sharding.create_mesh((1,))
-  state = ts.create_train_state(variables, tx, jax.random.key(config.seed))
-  state = jax.device_put(state, ts.state_sharding(state, mesh))
-  step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
-  inputs = jax.device_put(system.device_batch(batch), sharding.batch_sharding(mesh))
-  return step.lower(state, inputs), (inputs,), {"state": state}
+  lowered, state, inputs = train_step.lower_train_step(config, variables, batch)
+  return lowered, (inputs,), {"state": state}
 
 
 def planned_gib(compiled) -> float:

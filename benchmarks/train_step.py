@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import pathlib
 import sys
 
@@ -63,10 +62,9 @@ STEPS_PER_EPOCH = 100  # only shapes the LR schedule
 
 # --- JAX ------------------------------------------------------------------------------------------------------
 
-def jax_train_step(config, variables, batch, devices: int = 1):
-  """The production step on numpy ``variables`` and ``batch`` over ``devices`` devices → (run() → loss,
-  compiled executable, compile s). ``run`` blocks on the new state and metrics and keeps the new state for the
-  next call."""
+def lower_train_step(config, variables, batch, devices: int = 1):
+  """The production step on ``variables`` and ``batch`` over ``devices`` devices, lowered, not yet compiled →
+  (lowered, state, inputs)."""
   import jax
   from rrg_jax import models, optim, sharding
   from rrg_jax import train_state as ts
@@ -78,7 +76,16 @@ def jax_train_step(config, variables, batch, devices: int = 1):
   state = jax.device_put(state, ts.state_sharding(state, mesh))
   step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
   inputs = jax.device_put(system.device_batch(batch), sharding.batch_sharding(mesh))
-  compiled, compile_s = C.timed(lambda: step.lower(state, inputs).compile())
+  return step.lower(state, inputs), state, inputs
+
+
+def jax_train_step(config, variables, batch, devices: int = 1):
+  """``lower_train_step`` compiled → (run() → loss, compiled executable, compile s). ``run`` blocks on the new
+  state and metrics and keeps the new state for the next call."""
+  import jax
+
+  lowered, state, inputs = lower_train_step(config, variables, batch, devices)
+  compiled, compile_s = C.timed(lowered.compile)
   holder = {"state": state}
 
   def run() -> float:
@@ -166,6 +173,7 @@ def torch_backbone(tmodel, images):
 def time_one(preset: str, b: int, args) -> dict:
   """Interleaved timings of one (config, batch)."""
   import jax
+  from rrg_jax import sharding
 
   config = C.full_config(preset, dtype=args.dtype, remat=args.remat)
   batch = C.make_batch(config, b)
@@ -173,20 +181,20 @@ def time_one(preset: str, b: int, args) -> dict:
   _, variables = C.to_flax(tmodel, config)
   jax_run, compiled, compile_s = jax_train_step(config, variables, batch)
   jax_bb, bb_compiled = jax_backbone(config, variables, batch["images"])
-  n = max(d for d in range(1, len(jax.devices()) + 1) if b % d == 0) if jax.default_backend() == "cpu" else 1
-  sides = {}
+  n = sharding.devices_for_batch(b, len(jax.devices())) if jax.default_backend() == "cpu" else 1
+  multi, sides = f"jax {n} devices", {}
   loss = {"jax": [], "torch": []}
   if n > 1:
     jax_n_run, _, compile_n_s = jax_train_step(config, variables, batch, devices=n)
-    loss[f"jax {n} devices"] = []
-    sides[f"jax {n} devices"] = lambda: loss[f"jax {n} devices"].append(jax_n_run())
+    loss[multi] = []
+    sides[multi] = lambda: loss[multi].append(jax_n_run())
   del variables
   torch_run = torch_train_step(config, tmodel, batch)
   torch_bb = torch_backbone(tmodel, C.torch_inputs(batch)[0])
   sides.update({"jax": lambda: loss["jax"].append(jax_run()), "torch": lambda: loss["torch"].append(torch_run()),
                 "jax_bb": jax_bb, "torch_bb": torch_bb})
   times = C.interleaved(sides, warmup=args.warmup, repeats=args.repeats)
-  compile_s = {"jax": compile_s, **({f"jax {n} devices": compile_n_s} if n > 1 else {})}
+  compile_s = {"jax": compile_s, **({multi: compile_n_s} if n > 1 else {})}
   return dict(config=preset, batch=b, times={k: C.median(v) for k, v in times.items()}, compile_s=compile_s,
               flops=C.xla_flops(compiled), bb_flops=C.xla_flops(bb_compiled), loss=loss, host_devices=n)
 
@@ -274,8 +282,7 @@ def main() -> None:
   import torch  # noqa: F401  (limit_cpus sets its threads)
 
   threads = C.limit_cpus(args.threads)
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    jax.config.update("jax_num_cpu_devices", args.host_devices or threads)
+  C.set_host_devices(args.host_devices or threads)
   print(C.describe_machine(), f"| JAX dtype {args.dtype}, remat {args.remat}, threads {threads}", flush=True)
   gpu = jax.default_backend() == "gpu"
   rows, ratios = [], []

@@ -170,6 +170,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+
   def initialized_run():
     sharding.initialize_distributed()
     compilation_cache.enable()

@@ -44,7 +44,21 @@ def should_initialize_distributed(environ: dict[str, str] | None = None) -> bool
   return len([h for h in hosts.split(",") if h]) > 1
 
 
-def distributed_arguments(environ: dict[str, str] | None = None) -> dict[str, int | str]:
+def _env_int(env: dict[str, str], key: str, *, positive: bool = False) -> int | None:
+  """The integer environment variable ``key`` (None when unset or empty); a bad value is a ValueError naming it."""
+  raw = env.get(key, "")
+  if raw == "":
+    return None
+  try:
+    value = int(raw)
+  except ValueError:
+    value = None
+  if value is None or (positive and value < 1):
+    raise ValueError(f"environment variable {key}={raw!r} is not a{' positive' if positive else 'n'} integer.")
+  return value
+
+
+def distributed_arguments(environ: dict[str, str] | None = None) -> dict[str, int]:
   """``jax.distributed.initialize`` keyword arguments from the environment.
 
   ``JAX_COORDINATOR_ADDRESS`` JAX reads itself; ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (which JAX reads only
@@ -53,18 +67,10 @@ def distributed_arguments(environ: dict[str, str] | None = None) -> dict[str, in
   barrier, so a process whose peer died fails instead of hanging.
   """
   env = os.environ if environ is None else environ
-  kwargs: dict[str, int | str] = {}
-  for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-    if env.get(key, "") != "":
-      try:
-        kwargs[name] = int(env[key])
-      except ValueError:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer.") from None
-  timeout = env.get("RRG_JAX_DISTRIBUTED_TIMEOUT_S", "")
-  try:
-    seconds = int(timeout) if timeout else 300
-  except ValueError:
-    raise ValueError(f"environment variable RRG_JAX_DISTRIBUTED_TIMEOUT_S={timeout!r} is not an integer.") from None
+  kwargs = {name: value for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"))
+            if (value := _env_int(env, key)) is not None}
+  seconds = _env_int(env, "RRG_JAX_DISTRIBUTED_TIMEOUT_S")
+  seconds = 300 if seconds is None else seconds
   kwargs.update(initialization_timeout=seconds, heartbeat_timeout_seconds=seconds, shutdown_timeout_seconds=seconds)
   return kwargs
 
@@ -97,20 +103,18 @@ def cpu_device_count(batch_size: int | None = None, environ: dict[str, str] | No
   env = os.environ if environ is None else environ
   if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
     return None
-  raw = env.get(CPU_DEVICES_ENV, "")
-  if raw:
-    try:
-      n = int(raw)
-    except ValueError:
-      n = 0
-    if n < 1:
-      raise ValueError(f"environment variable {CPU_DEVICES_ENV}={raw!r} is not a positive integer.")
-    return n
+  asked = _env_int(env, CPU_DEVICES_ENV, positive=True)
+  if asked is not None:
+    return asked
   n = cores or len(os.sched_getaffinity(0))
   if batch_size:  # this process's share of the global batch
-    local = batch_size // max(1, int(env.get("JAX_NUM_PROCESSES") or 1))
-    n = max(d for d in range(1, n + 1) if local % d == 0)
+    return devices_for_batch(batch_size // (_env_int(env, "JAX_NUM_PROCESSES") or 1), n)
   return n
+
+
+def devices_for_batch(batch_size: int, available: int) -> int:
+  """The largest device count up to ``available`` that splits ``batch_size`` evenly."""
+  return max(d for d in range(1, available + 1) if batch_size % d == 0)
 
 
 def use_cpu_cores(batch_size: int | None = None) -> int | None:
