@@ -75,26 +75,28 @@ def jax_decoders(model, variables, images: np.ndarray, max_len: int,
 
   variables, images = jax.device_put((variables, images))
 
-  @functools.partial(jax.jit, static_argnames=("max_len",))
   def no_early_exit(variables, images, *, max_len):
     enc = model.apply(variables, images, method="encode")
     step_fn, state = decoding.encoder_decoder_step_fns(model, variables, enc["memory"], max_len, cached=True)
     dec = decoding.beam_search(step_fn, state, images.shape[0], beam_size=BEAM, max_len=max_len, early_exit=False)
     return {"tokens": dec.tokens, "steps": dec.steps}
 
-  lowered = {
-      "jax cached": lambda: decoding.encode_and_decode.lower(model, variables, (images,), method="beam",
-                                                             beam_size=BEAM, max_len=max_len, cached=True),
-      "jax cached, no early exit": lambda: no_early_exit.lower(variables, images, max_len=max_len),
-      "jax full prefix": lambda: decoding.encode_and_decode.lower(model, variables, (images,), method="beam",
-                                                                  beam_size=BEAM, max_len=max_len, cached=False),
-      "encode": lambda: jax.jit(lambda v, x: model.apply(v, x, method="encode")["memory"]).lower(variables, images)}
+  def beam(variables, inputs, *, cached):
+    return decoding.encode_and_decode(model, variables, inputs, method="beam", beam_size=BEAM, max_len=max_len,
+                                      cached=cached)
+
+  # name → (jitted function, its arguments); encode_and_decode takes the encoder inputs as a tuple.
+  programs = {
+      "jax cached": (jax.jit(functools.partial(beam, cached=True)), (variables, (images,))),
+      "jax cached, no early exit": (jax.jit(functools.partial(no_early_exit, max_len=max_len)), (variables, images)),
+      "jax full prefix": (jax.jit(functools.partial(beam, cached=False)), (variables, (images,))),
+      "encode": (jax.jit(lambda v, x: model.apply(v, x, method="encode")["memory"]), (variables, images))}
   out = {}
-  for name, lower in lowered.items():
+  for name, (fn, args) in programs.items():
     if name not in names:
       continue
-    compiled, seconds = C.timed(lambda: lower().compile())
-    out[name] = (functools.partial(_call, compiled, variables, images), seconds)
+    compiled, seconds = C.timed(lambda: fn.lower(*args).compile())
+    out[name] = (functools.partial(_call, compiled, *args), seconds)
   return out
 
 
