@@ -267,8 +267,11 @@ def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
 
 # --- resume: SIGTERM, then SIGKILL, then completion == one uninterrupted run --------------------------------
 
+# One system here: resume is system-independent (train loop, Orbax, Grain iterator state). CAMANet's is the real
+# 2-process run of tests/test_multiprocess.py; every system's checkpoint restores in the non-finite-loss test below.
+# (Align2Gen here cost 270 s, CAMANet 114 s, of a suite over its time budget.)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("name", ["r2gen"])
 def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path, name):
   # Batches of 16: 9 steps per epoch. The interrupted run also checkpoints every 3 steps, the reference only at
   # epoch ends (a save of a ~1000-leaf state costs seconds on CPU), which shows saving does not perturb training.
