@@ -139,7 +139,11 @@ class System:
   # --- model --------------------------------------------------------------------------------------------------
 
   def init(self, key: jax.Array) -> dict[str, Any]:
-    """``module.init`` on the dummy batch (train=False) → ``{'params', 'batch_stats'}``."""
+    """``module.init`` on the dummy batch (train=False) → ``{'params', 'batch_stats'}``, as one jitted program
+    (run eagerly, every layer's ops would compile one by one: 52 s instead of 19 s for the tiny Align2Gen)."""
+    return jax.jit(self._init)(key)
+
+  def _init(self, key: jax.Array) -> dict[str, Any]:
     x = self.dummy_batch(1)
     params_key, dropout_key = jax.random.split(key)
     variables = self.module.init({"params": params_key, "dropout": dropout_key},
