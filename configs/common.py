@@ -32,6 +32,24 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.data.shuffle = True                 # train order: a new permutation every epoch; False = annotation order
   c.data.num_workers = 0                # Grain worker processes (0 = in-process)
   c.data.on_bad_record = "error"        # "error" | "skip"
+  c.data.hflip = True                   # the random horizontal flip of augment "flip" / "radgen" (RadGen §2.2)
+  # Records and single-label classes (RadGen §2.1, §2.4, §2.7; input_pipeline.records).
+  c.data.format = "r2gen"               # "r2gen" (annotation.json + labels.json) | "csv" (one CSV, spec §2.1)
+  c.data.csv = ""                       # format "csv": the CSV file, relative to data_dir
+  c.data.image_dir = "images"           # format "csv": the image folder, relative to data_dir
+  # ((class name, (source names, ...)), ...) in class-id order = priority; a source is a CSV Category or a labels.json
+  # class, "*" takes any record; () = none for "r2gen", Normal / Pneumonia / TB for "csv".
+  c.data.class_map = ()
+  c.data.label_mode = "multi"           # batch labels: "multi" float32 (B, C) | "single" int32 (B,) class-map ids
+  # Cross-validation folds (RadGen §2.5, §7; input_pipeline.sampling).
+  c.data.fold = -1                      # k >= 0: train = folds != k, val = test = fold k; -1 = the annotation's splits
+  c.data.num_folds = 5
+  c.data.fold_seed = 0                  # seed of the stratified fold rule (when the records carry no fold)
+  c.data.group_key = ""                 # fold unit: "" = record | "id_prefix" = the id before the first "_" (patient)
+  # Training batches (RadGen §2.6).
+  c.data.weighted_sampler = False       # each epoch draws N records with replacement, P(i) ∝ N / (C n_{y_i})
+  c.data.drop_last = True               # False: keep the last partial batch, padded (needs sample_weights)
+  c.data.sample_weights = False         # batches carry sample_weight float32 (B,): 1 real row, 0 padding row
 
   # --- training loop (rrg_jax.train) ----------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -6,7 +6,10 @@ Public API::
     check_tokenizer(config, tokenizer, what) -> None         # VocabularyMismatchError if it differs from the data's
     load_records(config, split) -> list[records.Record]     # validated records (folder source)
     raw_source(config, split) -> Sequence[dict]              # raw examples, folder or TFDS (config.data.source)
-    steps_per_epoch(config) -> int                           # len(train) // config.train.batch_size
+    data_option(config, key) -> Any                          # config.data.<key>, or its configs/common.py default
+    class_map(config) -> records.ClassMap                    # the single-label class map (CSV default if unset)
+    single_label(config) -> bool                             # config.data.label_mode == "single" (checked)
+    steps_per_epoch(config) -> int                           # len(train) // batch (ceil with data.drop_last=False)
     train_dataset(config, tokenizer, *, seed) -> ResumableBatches    # endless train batches (a grain.IterDataset)
     eval_batches(config, tokenizer, split) -> Iterator[dict]          # one pass, in order, padded last batch
     to_global_batch(batch, mesh) -> dict[str, jax.Array]     # host-local numpy batch → global P('data') arrays
@@ -18,8 +21,9 @@ Batches (host-local numpy; ``Bl = config.train.batch_size // jax.process_count()
     images   float32 (Bl, V, S, S, 3)  ImageNet-normalised, NHWC
     targets  int32   (Bl, T)           encode(report)[:T] = [0, w1..wn, 0] truncated, zero padded
     masks    float32 (Bl, T)           1 on the first len(ids) positions
-    labels   float32 (Bl, C)
+    labels   float32 (Bl, C)           multi-hot; int32 (Bl,) class ids with config.data.label_mode = "single"
     valid    bool    (Bl,)             eval only: False on the padding rows of the last batch
+    sample_weight float32 (Bl,)        only with config.data.sample_weights: 1 on real rows, 0 on padding rows
     ids      list[str] (Bl)            host-only record ids ("" on padding rows); never pass it to jit
 
 plus the arrays of each feature in ``config.data.features`` (``input_pipeline.features``, default none), e.g.
@@ -32,9 +36,20 @@ Sources. ``config.data.source = "folder"`` reads the R2Gen folder ``config.data.
 process; multi-host runs prepare first with ``python -m input_pipeline.tfds_builders``). Both give identical
 examples in annotation order. No TensorFlow is needed.
 
-Determinism. Epoch ``e`` of training visits ``permutation_e = default_rng([seed, e]).permutation(N)``; the
-global batch ``b`` is ``permutation_e[b * B:(b + 1) * B]`` (the last partial batch dropped) and process ``i``
-takes its rows ``[i * Bl, (i + 1) * Bl)``. The random transforms of epoch position ``p`` use
+Records. ``config.data.format = "r2gen"`` reads the R2Gen folder; ``"csv"`` reads the RadGen CSV
+``config.data.csv`` with images under ``config.data.image_dir`` (both relative to ``data_dir``; spec §2.1).
+``config.data.class_map`` gives every record a single-label class id (``records`` module docstring; a CSV's
+default is Normal/Pneumonia/TB). With ``config.data.fold = k >= 0`` the splits are cross-validation folds
+(``sampling.fold_split``: train = folds ≠ k, val = test = fold k) of all records: the CSV's ``fold`` column,
+or the §2.5 stratified folds (``config.data.num_folds``, ``fold_seed``, ``group_key``); a CSV needs a fold.
+Single labels, CSV data, folds and the weighted sampler read records, so they need ``data.source = "folder"``.
+
+Determinism. Epoch ``e`` of training visits ``order_e = default_rng([seed, e]).permutation(N)`` — with
+``config.data.weighted_sampler`` the sampler's draws ``sampling.weighted_draws(ω, seed, e)`` (N indices with
+replacement, ``P(i) ∝ ω_i = N / (C n_{y_i})``, spec §2.6) — and the global batch ``b`` is
+``order_e[b * B:(b + 1) * B]``: the last partial batch is dropped, or with ``config.data.drop_last = False``
+kept and padded to ``B`` with rows of ``sample_weight`` 0 (``ceil(N / B)`` batches). Process ``i`` takes its rows
+``[i * Bl, (i + 1) * Bl)``. The random transforms of epoch position ``p`` use
 ``default_rng([seed, e, p])``. A batch is therefore a pure function of its index: the same seed gives the same
 batches for any ``config.data.num_workers`` (Grain ``mp_prefetch`` processes) and process count, and the
 iterator's state (``{"next_batch": n}`` via ``get_state``/``set_state``, saved by ``grain.checkpoint``) resumes at
@@ -57,10 +72,14 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from input_pipeline import features, records, transforms
+from configs import common
+from input_pipeline import features, records, sampling, transforms
 from input_pipeline.tokenizer import Tokenizer
 
 SOURCES = ("folder", "tfds")
+FORMATS = ("r2gen", "csv")
+LABEL_MODES = ("multi", "single")
+_DATA_DEFAULTS = common.base_config("").data
 DATA_AXIS = "data"
 _ENDLESS = sys.maxsize // 2
 
@@ -69,11 +88,23 @@ _ENDLESS = sys.maxsize // 2
 
 @functools.lru_cache(maxsize=16)
 def _load_split_cached(data_dir: str, split: str, annotation: str, labels: str, label_key_rule: str,
-                       num_views: int, num_classes: int, on_bad_record: str,
-                       box_format: str | None) -> tuple[records.Record, ...]:
+                       num_views: int, num_classes: int | None, on_bad_record: str, box_format: str | None,
+                       class_map: records.ClassMap) -> tuple[records.Record, ...]:
   return tuple(records.load_split(data_dir, split, annotation=annotation, labels=labels,
                                   label_key_rule=label_key_rule, num_views=num_views, num_classes=num_classes,
-                                  on_bad_record=on_bad_record, box_format=box_format))
+                                  on_bad_record=on_bad_record, box_format=box_format, class_map=class_map))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_csv_cached(path: str, image_dir: str, class_map: records.ClassMap,
+                     on_bad_record: str) -> tuple[records.Record, ...]:
+  return tuple(records.read_csv(path, image_dir, class_map=class_map, on_bad_record=on_bad_record))
+
+
+def data_option(config: ml_collections.ConfigDict, key: str) -> Any:
+  """``config.data.<key>``, or its ``configs/common.py`` default when the config (e.g. a run's saved
+  ``config.json`` from before the key existed) does not define it."""
+  return config.data.get(key, _DATA_DEFAULTS[key])
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -81,12 +112,62 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return int(config.model.get("num_classes", 0))
 
 
+def _choice(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> str:
+  value = data_option(config, key)
+  if value not in allowed:
+    raise ValueError(f"config.data.{key}={value!r}; choose one of {allowed}.")
+  return value
+
+
+def class_map(config: ml_collections.ConfigDict) -> records.ClassMap:
+  """The single-label class map: ``config.data.class_map``; when empty, ``records.CSV_CLASS_MAP`` for CSV data
+  and none (``()``) for an R2Gen folder."""
+  value = records.parse_class_map(data_option(config, "class_map"))
+  return value or (records.CSV_CLASS_MAP if _choice(config, "format", FORMATS) == "csv" else ())
+
+
+def single_label(config: ml_collections.ConfigDict) -> bool:
+  """Whether batches carry int32 class ids (``config.data.label_mode = "single"``); the class map must then
+  have ``config.model.num_classes`` classes."""
+  if _choice(config, "label_mode", LABEL_MODES) == "multi":
+    return False
+  size = len(class_map(config))
+  if size != num_classes(config):
+    raise ValueError(f"config.data.label_mode='single' needs a config.data.class_map of config.model.num_classes="
+                     f"{num_classes(config)} classes; it has {size}.")
+  return True
+
+
 def load_records(config: ml_collections.ConfigDict, split: str) -> list[records.Record]:
-  """The validated records of ``split`` of the R2Gen folder ``config.data.data_dir`` (cached per process)."""
+  """The validated records of ``split`` (cached per process): the annotation's split of the R2Gen folder
+  ``config.data.data_dir``, or with ``config.data.fold >= 0`` that fold split of all records (module docstring)."""
   d = config.data
-  return list(_load_split_cached(str(records.resolve_data_dir(d.data_dir)), split, d.annotation, d.labels,
-                                 d.label_key, int(d.num_views), num_classes(config), d.on_bad_record,
-                                 features.box_format(config)))
+  cmap = class_map(config)
+  root = records.resolve_data_dir(d.data_dir)
+
+  def annotation_split(name: str) -> list[records.Record]:
+    return list(_load_split_cached(str(root), name, d.annotation, d.labels, d.label_key, int(d.num_views),
+                                   None if single_label(config) else num_classes(config), d.on_bad_record,
+                                   features.box_format(config), cmap))
+
+  fold, csv = int(data_option(config, "fold")), _choice(config, "format", FORMATS) == "csv"
+  if fold < 0:
+    if csv:
+      raise ValueError("config.data.format='csv' has no splits of its own: set config.data.fold.")
+    return annotation_split(split)
+  num_folds = int(data_option(config, "num_folds"))
+  if not 0 <= fold < num_folds:
+    raise ValueError(f"config.data.fold={fold} is not in 0..{num_folds - 1} (config.data.num_folds={num_folds}).")
+  if csv:
+    if not data_option(config, "csv"):
+      raise ValueError("config.data.format='csv' needs config.data.csv (the CSV file, relative to data_dir).")
+    pool = list(_read_csv_cached(str(root / data_option(config, "csv")), str(root / data_option(config, "image_dir")),
+                                 cmap, d.on_bad_record))
+  else:
+    pool = [r for name in records.SPLITS for r in annotation_split(name)]
+  pool = sampling.assign_folds(pool, num_folds, int(data_option(config, "fold_seed")),
+                               data_option(config, "group_key"))
+  return sampling.fold_split(pool, fold, split)
 
 
 def default_tfds_dir() -> pathlib.Path:
@@ -101,6 +182,11 @@ def tfds_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
 def _check_source(config: ml_collections.ConfigDict) -> str:
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; choose one of {SOURCES}.")
+  if config.data.source == "tfds" and (_choice(config, "format", FORMATS) != "r2gen" or single_label(config)
+                                       or int(data_option(config, "fold")) >= 0
+                                       or data_option(config, "weighted_sampler")):
+    raise ValueError("config.data.source='tfds' gives the annotation's splits with multi-hot labels; CSV data, "
+                     "folds, label_mode='single' and the weighted sampler need config.data.source='folder'.")
   return config.data.source
 
 
@@ -161,10 +247,23 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer, wha
   build_tokenizer(config).check_matches(tokenizer, what)
 
 
+def _drop_last(config: ml_collections.ConfigDict) -> bool:
+  drop = bool(data_option(config, "drop_last"))
+  if not drop and not data_option(config, "sample_weights"):
+    raise ValueError("config.data.drop_last=False pads the last train batch: set config.data.sample_weights=True "
+                     "so that its padding rows carry sample_weight 0.")
+  return drop
+
+
+def _num_steps(n: int, global_batch: int, drop_last: bool) -> int:
+  return n // global_batch if drop_last else -(-n // global_batch)
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-  """Train batches per epoch: ``len(train) // config.train.batch_size`` (last partial batch dropped)."""
+  """Train batches per epoch: ``len(train) // config.train.batch_size`` (last partial batch dropped), or
+  ``ceil(len(train) / batch_size)`` with ``config.data.drop_last = False``."""
   n = len(raw_source(config, "train"))
-  steps = n // int(config.train.batch_size)
+  steps = _num_steps(n, int(config.train.batch_size), _drop_last(config))
   if steps == 0:
     raise ValueError(f"The train split has {n} records, fewer than config.train.batch_size="
                      f"{config.train.batch_size}.")
@@ -174,8 +273,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
 # --- examples and batches -----------------------------------------------------------------------------------
 
 class _Prepare:
-  """Raw example → model example: decoded, transformed views, encoded and padded report, label vector, and the
-  configured features (computed from the untransformed first view, after the transforms' random draws)."""
+  """Raw example → model example: decoded, transformed views, encoded and padded report, label vector (or class
+  id), sample weight when configured, and the configured features (computed from the untransformed first view,
+  after the transforms' random draws)."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, train: bool):
     d = config.data
@@ -184,8 +284,27 @@ class _Prepare:
     self.num_views = int(d.num_views)
     self.max_len = int(d.max_seq_length)
     self.num_classes = num_classes(config)
+    self.single_label = single_label(config)
+    self.sample_weights = bool(data_option(config, "sample_weights"))
     self.augment, self.resize, self.image_size = d.augment, int(d.resize), int(d.image_size)
+    self.hflip = bool(data_option(config, "hflip"))
     self.features = features.build(config, tokenizer, train)
+
+  def _labels(self, raw: Mapping[str, Any]) -> np.ndarray:
+    rid = raw["id"]
+    if self.single_label:
+      label = raw.get("label", -1)
+      if not 0 <= label < self.num_classes:
+        raise records.DataError(f"Record {rid!r} has no class id in 0..{self.num_classes - 1} "
+                                "(config.data.label_mode='single' reads config.data.class_map).")
+      return np.asarray(label, np.int32)
+    labels = np.asarray(raw["labels"], np.float32)
+    if labels.size == 0:
+      labels = np.zeros((self.num_classes,), np.float32)
+    if labels.shape != (self.num_classes,):
+      raise records.DataError(f"Record {rid!r}: label vector of length {labels.size}, config.model.num_classes="
+                              f"{self.num_classes}.")
+    return labels
 
   def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
     rid = raw["id"]
@@ -195,19 +314,15 @@ class _Prepare:
     views = [records.decode_image(data, f"{name} (record {rid!r})")
              for data, name in zip(raw["images"][:self.num_views], raw["image_names"])]
     images = transforms.transform_views(views, rng, train=self.train, augment=self.augment, resize=self.resize,
-                                        image_size=self.image_size)
+                                        image_size=self.image_size, hflip=self.hflip)
     ids = self.tokenizer.encode(raw["report"])[:self.max_len]
     targets = np.zeros((self.max_len,), np.int32)
     targets[:len(ids)] = ids
     masks = np.zeros((self.max_len,), np.float32)
     masks[:len(ids)] = 1.0
-    labels = np.asarray(raw["labels"], np.float32)
-    if labels.size == 0:
-      labels = np.zeros((self.num_classes,), np.float32)
-    if labels.shape != (self.num_classes,):
-      raise records.DataError(f"Record {rid!r}: label vector of length {labels.size}, config.model.num_classes="
-                              f"{self.num_classes}.")
-    example = {"images": images, "targets": targets, "masks": masks, "labels": labels, "id": rid}
+    example = {"images": images, "targets": targets, "masks": masks, "labels": self._labels(raw), "id": rid}
+    if self.sample_weights:
+      example["sample_weight"] = np.float32(1.0)
     for feature in self.features:
       example.update(feature(raw, views[0], rng, example))
     return example
@@ -216,7 +331,10 @@ class _Prepare:
     s = self.image_size
     example = {"images": np.zeros((self.num_views, s, s, 3), np.float32),
                "targets": np.zeros((self.max_len,), np.int32), "masks": np.zeros((self.max_len,), np.float32),
-               "labels": np.zeros((self.num_classes,), np.float32), "id": ""}
+               "labels": (np.zeros((), np.int32) if self.single_label else np.zeros((self.num_classes,), np.float32)),
+               "id": ""}
+    if self.sample_weights:
+      example["sample_weight"] = np.float32(0.0)
     for feature in self.features:
       example.update(feature.padding())
     return example
@@ -300,40 +418,62 @@ class _ResumableIterator(grain.DatasetIterator):
 
 
 class _TrainExample:
-  """Local stream position → prepared example of (epoch, epoch position), see the module docstring."""
+  """Local stream position → prepared example of (epoch, epoch position), or a padding row past the epoch's
+  ``N`` examples; see the module docstring. ``weights`` float (N,): the weighted sampler's (None = permutation,
+  or annotation order without ``shuffle``)."""
 
   def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, seed: int, global_batch: int,
-               local_batch: int, process_index: int, shuffle: bool = True):
-    self.source, self.prepare, self.seed, self.shuffle = source, prepare, int(seed), shuffle
+               local_batch: int, process_index: int, shuffle: bool = True, weights: np.ndarray | None = None,
+               drop_last: bool = True):
+    self.source, self.prepare, self.seed, self.shuffle, self.weights = source, prepare, int(seed), shuffle, weights
     self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
-    self.steps = len(source) // global_batch
-    self._perm: tuple[int, np.ndarray] | None = None
+    self.steps = _num_steps(len(source), global_batch, drop_last)
+    self._order: tuple[int, np.ndarray] | None = None
 
   def epoch_position(self, j: int) -> tuple[int, int]:
     epoch, r = divmod(int(j), self.steps * self.local_batch)
     b, k = divmod(r, self.local_batch)
     return epoch, b * self.global_batch + self.process_index * self.local_batch + k
 
-  def permutation(self, epoch: int) -> np.ndarray:
-    if self._perm is None or self._perm[0] != epoch:
+  def order(self, epoch: int) -> np.ndarray:
+    """int (N,): the source indices epoch ``epoch`` visits."""
+    if self._order is None or self._order[0] != epoch:
       n = len(self.source)
-      order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-      self._perm = (epoch, order)
-    return self._perm[1]
+      if self.weights is not None:
+        order = sampling.weighted_draws(self.weights, self.seed, epoch)
+      else:
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+      self._order = (epoch, order)
+    return self._order[1]
 
   def __call__(self, j: int) -> dict[str, Any]:
     epoch, p = self.epoch_position(j)
-    raw = self.source[int(self.permutation(epoch)[p])]
+    if p >= len(self.source):
+      return self.prepare.padding()
+    raw = self.source[int(self.order(epoch)[p])]
     return self.prepare(raw, np.random.default_rng([self.seed, epoch, p]))
+
+
+def _sampler_weights(config: ml_collections.ConfigDict, source: records.FolderSource) -> np.ndarray | None:
+  """The weighted sampler's ω (float64 (N,), spec §2.6) over the train records' class ids, or None when
+  ``config.data.weighted_sampler`` is off."""
+  if not data_option(config, "weighted_sampler"):
+    return None
+  unlabelled = next((r for r in source.records if r.label < 0), None)
+  if unlabelled is not None:
+    raise records.DataError(f"config.data.weighted_sampler needs class ids, but record {unlabelled.id!r} has "
+                            "none: set config.data.class_map.")
+  return sampling.class_sampling_weights([r.label for r in source.records], len(class_map(config)))
 
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> grain.IterDataset:
   """Endless train batches (epochs repeat, ``steps_per_epoch(config)`` batches each), in a new random order every
-  epoch, or in the annotation order every epoch with ``config.data.shuffle = False`` (Align2Gen's loader)."""
+  epoch, or in the annotation order every epoch with ``config.data.shuffle = False`` (Align2Gen's loader), or
+  the weighted sampler's draws with ``config.data.weighted_sampler`` (RadGen)."""
   source = raw_source(config, "train")
   lbs, pi = _local_batch_size(config)
   fn = _TrainExample(source, _Prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi,
-                     bool(config.data.get("shuffle", True)))
+                     bool(data_option(config, "shuffle")), _sampler_weights(config, source), _drop_last(config))
   if fn.steps == 0:
     raise ValueError(f"The train split has {len(source)} records, fewer than config.train.batch_size="
                      f"{config.train.batch_size}.")

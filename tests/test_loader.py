@@ -1,5 +1,6 @@
 """loader: batch format, epochs, determinism across worker counts, checkpoint/resume, padded in-order eval,
-per-process sharding, folder vs TFDS sources, to_global_batch."""
+per-process sharding, folder vs TFDS sources, to_global_batch; RadGen's weighted sampler, padded last train
+batch, single-label class ids, cross-validation folds (R2Gen folder and CSV), configs saved before those keys."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from input_pipeline import loader, records
+from input_pipeline import loader, records, sampling
 from input_pipeline.tokenizer import Tokenizer, VocabularyMismatchError
 
 ARRAY_KEYS = ("images", "targets", "masks", "labels")
@@ -235,3 +236,163 @@ def test_orbax_grain_checkpoint_round_trip(config, tokenizer, tmp_path):
     fresh = iter(loader.train_dataset(config, tokenizer, seed=8))
     m.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert _same(next(fresh), expected)
+
+
+# --- RadGen data options (spec §2) ---------------------------------------------------------------------------
+
+RADGEN_STEPS = 37  # ceil(147 / 4): the last train batch holds 3 records and 1 padding row
+
+
+def _radgen_config():
+  c = tiny_config(num_classes=3)
+  d = c.data
+  d.threshold = 2
+  d.class_map = records.SAMPLE_CLASS_MAP
+  d.label_mode = "single"
+  d.weighted_sampler = True
+  d.drop_last = False
+  d.sample_weights = True
+  d.augment = "radgen"
+  return c
+
+
+@pytest.fixture(scope="module")
+def radgen_stream(tokenizer):
+  """The first RADGEN_STEPS + 2 train batches of the RadGen options, seed 2."""
+  return _take(iter(loader.train_dataset(_radgen_config(), tokenizer, seed=2)), RADGEN_STEPS + 2)
+
+
+def test_weighted_sampler_epoch(radgen_stream):
+  c = _radgen_config()
+  assert loader.steps_per_epoch(c) == RADGEN_STEPS
+  epoch = radgen_stream[:RADGEN_STEPS]
+  b = epoch[0]
+  assert set(b) == {"images", "targets", "masks", "labels", "sample_weight", "ids"}
+  assert b["labels"].shape == (4,) and b["labels"].dtype == np.int32
+  assert b["sample_weight"].shape == (4,) and b["sample_weight"].dtype == np.float32
+  label_of = {r.id: r.label for r in loader.load_records(c, "train")}
+  for batch in epoch[:-1]:
+    np.testing.assert_array_equal(batch["sample_weight"], 1.0)
+    np.testing.assert_array_equal(batch["labels"], [label_of[i] for i in batch["ids"]])
+  last = epoch[-1]
+  np.testing.assert_array_equal(last["sample_weight"], [1, 1, 1, 0])
+  assert last["ids"][3] == "" and last["labels"][3] == 0 and (last["images"][3] == 0).all()
+  drawn = [i for batch in epoch for i in batch["ids"] if i]
+  assert len(drawn) == 147 and len(set(drawn)) < 147  # N draws with replacement
+  # Balanced draws: each class ~ 1/3 of 147 (sd 0.039); natural frequencies 3 / 87 / 57 = 0.02 / 0.59 / 0.39.
+  freq = np.bincount([label_of[i] for i in drawn], minlength=3) / 147
+  np.testing.assert_allclose(freq, [1 / 3] * 3, atol=0.13)
+  # The draw order is the sampler's: sampling.weighted_draws over ω of the train split, seed 2, epoch 0.
+  train = loader.load_records(c, "train")
+  order = sampling.weighted_draws(sampling.class_sampling_weights([r.label for r in train], 3), 2, 0)
+  assert drawn == [train[i].id for i in order]
+
+
+def test_weighted_sampler_resume_seed_and_workers(radgen_stream, tokenizer):
+  c = _radgen_config()
+  fresh = iter(loader.train_dataset(c, tokenizer, seed=2))
+  fresh.set_state({"next_batch": RADGEN_STEPS - 2})  # mid-epoch, through the padded batch into epoch 1
+  assert all(_same(a, b) for a, b in zip(radgen_stream[RADGEN_STEPS - 2:], _take(fresh, 4)))
+  assert fresh.get_state() == {"next_batch": RADGEN_STEPS + 2}
+  assert radgen_stream[RADGEN_STEPS]["ids"] != radgen_stream[0]["ids"]  # a new draw each epoch
+  assert next(iter(loader.train_dataset(c, tokenizer, seed=3)))["ids"] != radgen_stream[0]["ids"]
+  c.data.num_workers = 2
+  it = iter(loader.train_dataset(c, tokenizer, seed=2))
+  try:
+    it.set_state({"next_batch": RADGEN_STEPS - 1})
+    assert all(_same(a, b) for a, b in zip(radgen_stream[RADGEN_STEPS - 1:], _take(it, 2)))
+  finally:
+    it.close()
+
+
+def test_single_label_eval_batches_and_option_errors(tokenizer):
+  c = _radgen_config()
+  batches = list(loader.eval_batches(c, tokenizer, "test"))
+  label_of = {r.id: r.label for r in records.load_split("", "test", class_map=records.SAMPLE_CLASS_MAP)}
+  valid = [(i, int(lab)) for b in batches for i, lab, v in zip(b["ids"], b["labels"], b["valid"]) if v]
+  assert valid == list(label_of.items())
+  np.testing.assert_array_equal(np.concatenate([b["sample_weight"] for b in batches]),
+                                np.concatenate([b["valid"] for b in batches]))
+  c.model.num_classes = 4
+  with pytest.raises(ValueError, match="class_map of config.model.num_classes=4 classes; it has 3"):
+    loader.load_records(c, "train")
+  c.model.num_classes = 3
+  c.data.sample_weights = False
+  with pytest.raises(ValueError, match="drop_last=False .*sample_weights=True"):
+    loader.steps_per_epoch(c)
+  c.data.sample_weights = True
+  c.data.source = "tfds"
+  with pytest.raises(ValueError, match="source='folder'"):
+    loader.raw_source(c, "train")
+  c.data.source = "folder"
+  c.data.label_mode = "soft"
+  with pytest.raises(ValueError, match="label_mode='soft'"):
+    loader.load_records(c, "train")
+  plain = tiny_config(num_classes=15)
+  plain.data.weighted_sampler = True
+  with pytest.raises(records.DataError, match="weighted_sampler needs class ids.*class_map"):
+    loader.train_dataset(plain, tokenizer, seed=0)
+
+
+def test_sample_folds_by_patient():
+  c = tiny_config(num_classes=15)  # multi-hot labels; the class map only stratifies the folds
+  c.data.class_map = records.SAMPLE_CLASS_MAP
+  c.data.fold, c.data.fold_seed, c.data.group_key = 4, 1, "id_prefix"
+  train, val, test = (loader.load_records(c, s) for s in records.SPLITS)
+  everything = [r for s in records.SPLITS for r in records.load_split("", s, class_map=records.SAMPLE_CLASS_MAP)]
+  assert [r.id for r in val] == [r.id for r in test]
+  assert sorted(r.id for r in train + val) == sorted(r.id for r in everything)
+  patient = lambda r: r.id.split("_")[0]  # noqa: E731
+  assert not {patient(r) for r in train} & {patient(r) for r in val}
+  # §2.5 by hand: patients are the units, a patient's class is that of its first record by id; the classes'
+  # units fill positions 0.. in class order and fold 4 takes positions p = 4 mod 5.
+  first = {}
+  for r in sorted(everything, key=lambda r: r.id):
+    first.setdefault(patient(r), r.label)
+  units = np.bincount(list(first.values()), minlength=3)
+  starts = np.concatenate([[0], np.cumsum(units)])
+  expected = [sum(p % 5 == 4 for p in range(starts[k], starts[k + 1])) for k in range(3)]
+  assert np.bincount([first[p] for p in {patient(r) for r in val}], minlength=3).tolist() == expected
+  assert val[0].labels.shape == (15,)
+  c.data.fold = 5
+  with pytest.raises(ValueError, match=r"config.data.fold=5 is not in 0..4"):
+    loader.load_records(c, "train")
+
+
+def test_csv_folds_through_the_loader(tmp_path, tokenizer):
+  from test_records import make_csv_dataset
+
+  cats = ("Normal", "Pneumonia", "TB")
+  rows = [{"Image": f"x{i}.png", "Category": cats[i % 3], "fold": str(i % 5), "Impression": "Heart normal."}
+          for i in range(15)]
+  make_csv_dataset(tmp_path, rows)
+  c = tiny_config(num_classes=3)
+  c.data.data_dir, c.data.format, c.data.csv, c.data.label_mode, c.data.fold = str(tmp_path), "csv", "data.csv", \
+      "single", 1
+  assert [r.id for r in loader.load_records(c, "val")] == ["x1.png", "x6.png", "x11.png"]
+  assert len(loader.load_records(c, "train")) == 12
+  batch = next(loader.eval_batches(c, tokenizer, "val"))
+  np.testing.assert_array_equal(batch["labels"][:3], [1, 0, 2])
+  assert batch["labels"].dtype == np.int32 and batch["valid"].tolist() == [True, True, True, False]
+  c.data.fold = -1
+  with pytest.raises(ValueError, match="format='csv' has no splits of its own"):
+    loader.load_records(c, "train")
+  c.data.fold, c.data.csv = 1, ""
+  with pytest.raises(ValueError, match="needs config.data.csv"):
+    loader.load_records(c, "train")
+
+
+def test_config_saved_before_the_new_keys_gives_the_same_batches(config, tokenizer):
+  new_keys = ("hflip", "format", "csv", "image_dir", "class_map", "label_mode", "fold", "num_folds", "fold_seed",
+              "group_key", "weighted_sampler", "drop_last", "sample_weights")
+  saved = json.loads(config.to_json())
+  for k in new_keys:
+    del saved["data"][k]
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  old = ml_collections.ConfigDict(saved)
+  assert "label_mode" not in old.data
+  assert all(_same(a, b) for a, b in zip(loader.eval_batches(config, tokenizer, "val"),
+                                         loader.eval_batches(old, tokenizer, "val")))
+  assert _same(next(iter(loader.train_dataset(config, tokenizer, seed=1))),
+               next(iter(loader.train_dataset(old, tokenizer, seed=1))))

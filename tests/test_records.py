@@ -228,3 +228,101 @@ def test_folder_source_raw_examples(tmp_path):
   assert ex["id"] == "r10" and ex["report"] == recs[1].report
   assert ex["images"][1] == (root / "images" / "r10" / "1.png").read_bytes()
   assert ex["image_names"] == recs[1].image_paths
+
+
+def make_csv_dataset(root: pathlib.Path, rows: list[dict[str, str]],
+                     columns: tuple[str, ...] = ("Image", "Category", "fold", "Impression"),
+                     images: bool = True) -> pathlib.Path:
+  """A RadGen CSV (``root/data.csv``) with the given rows, and an image ``root/images/<Image>`` per row."""
+  import csv  # pylint: disable=g-import-not-at-top
+
+  with open(root / "data.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  if images:
+    for i, r in enumerate(rows):
+      if r.get("Image", "").strip():
+        make_image(root / "images" / r["Image"].strip(), "L", seed=i)
+  return root / "data.csv"
+
+
+def test_csv_reader_rules(tmp_path, caplog):
+  rows = [{"Image": " a.png ", "Category": "TB", "fold": "3", "Impression": "  Right   upper\n lobe\tcavity.  "},
+          {"Image": "b.png", "Category": "Normal", "fold": "0", "Impression": ""},
+          {"Image": "", "Category": "Normal", "fold": "1", "Impression": "dropped: no image"},
+          {"Image": "c.png", "Category": "", "fold": "1", "Impression": "dropped: no category"},
+          {"Image": "d.png", "Category": "Pneumonia", "fold": "4", "Impression": "Consolidation."}]
+  path = make_csv_dataset(tmp_path, rows)
+  with caplog.at_level(logging.WARNING):
+    recs = records.read_csv(path, tmp_path / "images")
+  assert "Dropped 2 row(s)" in caplog.text
+  assert [r.id for r in recs] == ["a.png", "b.png", "d.png"]
+  assert [r.report for r in recs] == ["Right upper lobe cavity.", "no finding", "Consolidation."]
+  assert [r.label for r in recs] == [2, 0, 1] and [r.fold for r in recs] == [3, 0, 4]
+  np.testing.assert_array_equal(np.stack([r.labels for r in recs]), [[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+  assert recs[0].image_paths == (str(tmp_path / "images" / "a.png"),)
+  # A configurable map (two classes, TB folded into class 1 by a wildcard); no fold column -> fold -1.
+  path = make_csv_dataset(tmp_path, rows, columns=("Image", "Category", "Impression"), images=False)
+  recs = records.read_csv(path, tmp_path / "images", class_map=(("Normal", ("Normal",)), ("Abnormal", ("*",))))
+  assert [r.label for r in recs] == [1, 0, 1] and [r.fold for r in recs] == [-1, -1, -1]
+  assert recs[0].labels.tolist() == [0.0, 1.0]
+  raw = records.FolderSource(recs)[1]
+  assert raw["label"] == 0 and raw["images"][0] == (tmp_path / "images" / "b.png").read_bytes()
+
+
+def test_csv_reader_errors_name_the_row(tmp_path, caplog):
+  rows = [{"Image": f"i{i}.png", "Category": "Normal", "fold": str(i % 5), "Impression": "x"} for i in range(4)]
+  path = make_csv_dataset(tmp_path, rows)
+  (tmp_path / "images" / "i2.png").unlink()
+  with pytest.raises(DataError, match=r"row 4 of CSV .*data\.csv \(image 'i2\.png'\): image file not found"):
+    records.read_csv(path, tmp_path / "images")
+  with caplog.at_level(logging.WARNING):
+    assert [r.id for r in records.read_csv(path, tmp_path / "images", on_bad_record="skip")] == ["i0.png", "i1.png",
+                                                                                                   "i3.png"]
+  assert "row 4 of CSV" in caplog.text
+  for bad, match in [({"Category": "COVID"}, r"row 3 .*\['COVID'\] match no class"),
+                     ({"fold": "x"}, r"row 3 .*fold 'x' is not a non-negative integer"),
+                     ({"fold": "-1"}, r"row 3 .*fold '-1'"),
+                     ({"Image": "i0.png"}, r"row 3 .*listed again \(first on row 2\)")]:
+    edited = [dict(r) for r in rows]
+    edited[1].update(bad)
+    make_csv_dataset(tmp_path, edited, images=False)
+    with pytest.raises(DataError, match=match):
+      records.read_csv(path, tmp_path / "images", on_bad_record="skip")
+  make_csv_dataset(tmp_path, rows, columns=("Image", "fold", "Impression"), images=False)
+  with pytest.raises(DataError, match=r"lacks column\(s\) \['Category'\]"):
+    records.read_csv(path, tmp_path / "images")
+  with pytest.raises(DataError, match="CSV .*nowhere.csv not found"):
+    records.read_csv(tmp_path / "nowhere.csv", tmp_path / "images")
+
+
+def test_sample_single_label_class_map_counts():
+  counts = {}
+  for split in records.SPLITS:
+    recs = records.load_split("", split, class_map=records.SAMPLE_CLASS_MAP)
+    counts[split] = np.bincount([r.label for r in recs], minlength=3).tolist()
+    assert all(r.labels.shape == (15,) for r in recs)  # the finding vectors are kept
+  assert counts == {"train": [3, 87, 57], "val": [0, 8, 13], "test": [1, 31, 19]}
+  first = records.load_split("", "train", class_map=records.SAMPLE_CLASS_MAP)[0]
+  assert first.id == "p5_1a22778f" and first.label == 2  # ARDS alone -> other pneumonia
+
+
+def test_class_map_priority_and_errors(tmp_path):
+  root = make_r2gen_folder(tmp_path, num_classes=3, labels_form="classes")  # record i: [(i + c) % 2 for c]
+  # r0 = {c1}, r1 = {c0, c2}: c2 before c0 in priority -> r1 is class 0 (named "two").
+  cmap = records.parse_class_map([["two", ["c2"]], ["one", ["c1"]], ["zero", ["c0"]]])
+  assert cmap == (("two", ("c2",)), ("one", ("c1",)), ("zero", ("c0",)))
+  recs = records.load_split(root, "train", class_map=cmap)
+  assert [r.label for r in recs] == [1, 0, 1, 0, 1, 0]
+  with pytest.raises(DataError, match=r"record 'r0' .*\['c1'\] match no class"):
+    records.load_split(root, "train", class_map=(("two", ("c2",)),))
+  with pytest.raises(DataError, match=r"names \['c9'\], which labels .*labels.json does not have"):
+    records.load_split(root, "train", class_map=(("x", ("c9",)),))
+  for bad in ((("a", ()),), (("a", ("c0",)), ("a", ("c1",))), "abc", ((1, ("c0",)),), {"TB": ["c0"]},
+              (("a", "c0"),)):
+    with pytest.raises(DataError, match="config.data.class_map"):
+      records.parse_class_map(bad)
+  plain = make_r2gen_folder(tmp_path / "plain", num_classes=3)
+  with pytest.raises(DataError, match="class_map maps finding names.*'classes'"):
+    records.load_split(plain, "train", class_map=cmap)
