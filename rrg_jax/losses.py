@@ -33,3 +33,38 @@ def vtac_mse(tdm: jax.Array, vdm: jax.Array, labels: jax.Array) -> jax.Array:
   err = jnp.square(tdm.astype(jnp.float32) - vdm.astype(jnp.float32))
   count = jnp.sum(keep) * tdm.shape[-1]
   return jnp.sum(err * keep[:, None]) / jnp.maximum(count, 1.0)
+
+
+def _nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """``−log softmax(logits)[label]`` in float32: logits (..., K), labels (...) int → (...)."""
+  x = logits.astype(jnp.float32)
+  return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """``Σ w·v / Σ w`` (0, not NaN, when every weight is 0, e.g. a batch of padding rows only)."""
+  w = weights.astype(jnp.float32)
+  total = jnp.sum(w)
+  return jnp.sum(values * w) / jnp.where(total > 0, total, 1.0)
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
+                           sample_weight: jax.Array | None = None) -> jax.Array:
+  """Class-weighted CE, PyTorch's weighted-mean semantics (radgen_spec §4, ``L_cls``).
+
+  logits (B, C), labels (B,) int, class_weights (C,) w, sample_weight (B,) s (1 per real row, 0 per padding row;
+  None = all 1): ``Σ_i s_i w_{y_i} CE_i / Σ_i s_i w_{y_i}`` with ``CE_i = −log softmax(logits_i)[y_i]`` (the
+  denominator is the sum of the weights, not B: torch ``cross_entropy(weight=w)``).
+  """
+  w = jnp.asarray(class_weights, jnp.float32)[labels]
+  if sample_weight is not None:
+    w = w * sample_weight.astype(jnp.float32)
+  return _weighted_mean(_nll(logits, labels), w)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Token CE of unshifted decoder logits (B, T, K) against labels (B, T) int, mean over the counted positions
+  (radgen_spec §4, ``L_report``): ``mask`` (B, T) 1 = counted (pads ignored, torch ``ignore_index``); None =
+  every position counts, pads included (the public code passes the pad id, not −100, as label)."""
+  nll = _nll(logits, labels)
+  return _weighted_mean(nll, jnp.ones_like(nll) if mask is None else mask)

@@ -70,3 +70,50 @@ def test_camanet_loss_total_and_parts():
   config.model.use_vtac = False
   total, parts = models.get_system(config).loss(no_vtac, batch)
   assert float(parts["mse"]) == 0.0 and abs(float(total) - float(ce + bce)) < 1e-5
+
+
+def test_weighted_cross_entropy_spec_example_15_4():
+  """Logits (0, 0, 0) with y 0 (CE ln 3) and (0, ln 2, 0) with y 1 (CE ln 2), w = (8, 1, 3.2)."""
+  logits = jnp.array([[0.0, 0.0, 0.0], [0.0, np.log(2.0), 0.0]])
+  labels = jnp.array([0, 1])
+  np.testing.assert_allclose(float(losses.weighted_cross_entropy(logits, labels, jnp.array([8.0, 1.0, 3.2]))),
+                             1.0535606, rtol=1e-6)
+  np.testing.assert_allclose(float(losses.weighted_cross_entropy(logits, labels, jnp.ones(3))), 0.8958797,
+                             rtol=1e-6)
+
+
+def test_weighted_cross_entropy_matches_torch_and_ignores_padding_rows():
+  rng = np.random.default_rng(2)
+  logits = (rng.normal(size=(6, 3)) * 4).astype(np.float32)
+  labels = np.array([0, 1, 2, 1, 1, 0])
+  w = np.array([8.0, 1.0, 3.2], np.float32)
+  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
+                                           weight=torch.from_numpy(w)).item()
+  f = jax.jit(losses.weighted_cross_entropy)
+  np.testing.assert_allclose(float(f(logits, labels, w, None)), want, rtol=1e-6)
+  # Two padding rows (sample weight 0) with garbage logits change neither the loss nor the real rows' gradient.
+  padded = np.concatenate([logits, np.array([[1e4, -1e4, 0.0], [-50.0, 7.0, 3.0]], np.float32)])
+  padded_labels = np.concatenate([labels, [2, 0]])
+  s = np.array([1.0] * 6 + [0.0, 0.0], np.float32)
+  np.testing.assert_allclose(float(f(padded, padded_labels, w, s)), want, rtol=1e-6)
+  g = jax.grad(losses.weighted_cross_entropy)(jnp.asarray(padded), padded_labels, w, s)
+  np.testing.assert_allclose(np.asarray(g[:6]), np.asarray(jax.grad(losses.weighted_cross_entropy)(
+      jnp.asarray(logits), labels, w)), rtol=1e-6, atol=1e-8)
+  np.testing.assert_array_equal(np.asarray(g[6:]), 0.0)
+  # A batch of padding rows only: 0, not NaN.
+  assert float(f(padded[6:], padded_labels[6:], w, s[6:])) == 0.0
+
+
+def test_token_cross_entropy_masked_and_all_positions_match_torch():
+  """Unshifted decoder logits (B, T, K) vs labels: pads ignored (torch ignore_index) or counted (mask None)."""
+  rng = np.random.default_rng(3)
+  logits = (rng.normal(size=(2, 5, 11)) * 3).astype(np.float32)
+  labels = rng.integers(0, 11, size=(2, 5))
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], np.float32)
+  flat = torch.from_numpy(logits).reshape(-1, 11)
+  ignored = torch.from_numpy(np.where(mask > 0, labels, -100)).reshape(-1)
+  want_masked = torch.nn.functional.cross_entropy(flat, ignored).item()
+  want_all = torch.nn.functional.cross_entropy(flat, torch.from_numpy(labels).reshape(-1)).item()
+  np.testing.assert_allclose(float(losses.token_cross_entropy(logits, labels, mask)), want_masked, rtol=1e-6)
+  np.testing.assert_allclose(float(losses.token_cross_entropy(logits, labels)), want_all, rtol=1e-6)
+  assert abs(want_masked - want_all) > 1e-3  # the two conventions differ on this batch
