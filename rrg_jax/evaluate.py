@@ -6,11 +6,15 @@ r"""Evaluation: decode a split with the system's decoder and score it with its c
 ``checkpointing.save_inference``) of any registered system. The checkpoint's config is used; ``--config.KEY=VALUE``
 overrides existing keys (e.g. the data location, ``decode.cached``, ``train.batch_size``,
 ``train.max_eval_examples``, ``eval.evaluators``). ``OUT`` (default: ``DIR/eval_<split>``) receives
-``metrics.json`` (the scores) and ``reports.jsonl`` (one row per record: ``id``, ``reference``, ``generated`` and,
-for systems with a classifier, ``probabilities`` {class: p} and ``predicted_findings`` (p ≥ 0.5)).
+``metrics.json`` (the scores; undefined ones as null), ``reports.jsonl`` (one row per record: ``id``,
+``reference``, ``generated`` and, for systems with a classifier, ``probabilities`` {class: p} and
+``predicted_findings`` (p ≥ 0.5)) and the evaluators' pictures (``classification``: ``roc.png``,
+``confusion.png``).
 
 Scores: those of ``config.eval.evaluators`` (``rrg_jax.evaluators``): ``report_text`` (BLEU_1..4, METEOR,
-ROUGE_L, Cider, sacreBLEU), ``clinical_efficacy`` (CE_*), ``multilabel_classification`` (CLS_*).
+ROUGE_L, Cider, sacreBLEU), ``clinical_efficacy`` (CE_*), ``multilabel_classification`` (CLS_*),
+``classification`` (accuracy, macro_auc, auc_*, macro_f1, f1_*, sensitivity_*, specificity_*, precision_*,
+confusion_*).
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ _ID_BYTES = 256
 # --- class names ----------------------------------------------------------------------------------------------
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  """Names of the ``config.model.num_classes`` classifier outputs: ``config.data.class_names`` when set, the 14
-  CheXpert observations for 14 classes, else the ``classes`` of the data's labels.json, else ``class_<i>``."""
+  """Names of the ``config.model.num_classes`` classifier outputs: ``config.data.class_names`` when set, the
+  single-label class map's names (``config.data.label_mode = "single"``), the 14 CheXpert observations for 14
+  classes, else the ``classes`` of the data's labels.json, else ``class_<i>``."""
   from input_pipeline import loader, records  # pylint: disable=g-import-not-at-top
 
   n = loader.num_classes(config)
   names = list(config.data.get("class_names", None) or ())
+  if not names and loader.single_label(config):
+    names = [name for name, _ in loader.class_map(config)]
   if not names and n == len(clinical.OBSERVATIONS):
     names = list(clinical.OBSERVATIONS)
   if not names and config.data.get("labels", ""):
@@ -79,12 +86,15 @@ def _gather_ids(ids: Sequence[str]) -> list[str]:
 
 
 def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[str, Any]], *,
-                   mesh: jax.sharding.Mesh | None = None, progress: bool = True
-                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                   mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                   plot_dir: str | pathlib.Path | None = None, plot_prefix: str = ""
+                   ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
   """Decodes every valid record of ``batches`` (``input_pipeline.loader.eval_batches``) exactly once with
   ``system.generate`` and scores them with ``config.eval.evaluators``. References are
-  ``tokenizer.decode(targets[:, 1:])``. Returns ``(scores, reports)`` with one report dict per record: ``id``,
-  ``reference``, ``generated`` and, when the system gives class probabilities, ``probabilities`` (C,) list."""
+  ``tokenizer.decode(targets[:, 1:])``. Returns ``(scores, reports)`` (a score is None where undefined) with one
+  report dict per record: ``id``, ``reference``, ``generated`` and, when the system gives class probabilities,
+  ``probabilities`` (C,) list. With ``plot_dir``, process 0 also writes the evaluators' pictures there
+  (``evaluators.write_plots``, file names starting with ``plot_prefix``)."""
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
 
   config = system.config
@@ -112,6 +122,8 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
   predictions = evaluators.Predictions(ids, refs, gens, {k: np.concatenate(v) for k, v in outputs.items()},
                                        {k: np.concatenate(v) for k, v in fields.items()})
   scores = evaluators.evaluate(tuple(config.eval.evaluators), predictions, config)
+  if plot_dir is not None and jax.process_index() == 0:
+    evaluators.write_plots(tuple(config.eval.evaluators), predictions, config, plot_dir, plot_prefix)
   reports = [{"id": i, "reference": r, "generated": g} for i, r, g in zip(ids, refs, gens)]
   if "probs" in predictions.outputs:
     for report, p in zip(reports, predictions.outputs["probs"]):
@@ -145,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(argv: Sequence[str]) -> dict[str, float]:
+def run(argv: Sequence[str]) -> dict[str, float | None]:
   """The CLI without the error handling: returns the scores."""
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
 
@@ -156,15 +168,15 @@ def run(argv: Sequence[str]) -> dict[str, float]:
   out_dir = pathlib.Path(args.workdir or checkpointing.resolve_inference_dir(args.checkpoint) / f"eval_{args.split}")
   loader.check_tokenizer(config, tokenizer, f"the vocabulary of {args.checkpoint}")
   scores, reports = evaluate_split(system, variables, tokenizer, loader.eval_batches(config, tokenizer, args.split),
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, plot_dir=out_dir)
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps({"split": args.split, "num_reports": len(reports), **scores},
-                                                   indent=2, sort_keys=True))
+    (out_dir / METRICS_FILE).write_text(json.dumps(
+        {"split": args.split, "num_reports": len(reports), **evaluators.json_row(scores)}, indent=2, sort_keys=True))
     write_reports(out_dir / REPORTS_FILE, reports, class_names(config))
     print(f"{args.split}: {len(reports)} reports → {out_dir}")
     for k, v in scores.items():
-      print(f"  {k:20s} {v:.4f}")
+      print(f"  {k:20s} {'undefined' if v is None else f'{v:.4f}'}")
   return scores
 
 

@@ -1,5 +1,6 @@
-"""The optimiser of the R2Gen-family trainers (camanet_spec §8; R2Gen's trainer), as optax transformations, for
-any system: parameter groups, learning rates, schedules and frozen epochs are configuration (``config.optim``).
+"""The optimisers of the R2Gen-family trainers (camanet_spec §8; R2Gen's trainer) and of RadGen (radgen_spec §5.1,
+§5.2), as optax transformations, for any system: parameter groups, learning rates, schedules, weight decay,
+clipping and frozen epochs are configuration (``config.optim``).
 
 ``config.optim.param_groups`` maps a group name to parameter-path prefixes (``"visual_extractor"``; ``""``
 matches everything): a parameter belongs to the group with the longest matching prefix. Group ``g`` trains at
@@ -12,26 +13,40 @@ matches everything): a parameter belongs to the group with the longest matching 
 * ``"cosine_epoch"`` (Align2Gen): torch ``CosineAnnealingLR(T_max = cosine_t_max, eta_min)`` stepped after every
   epoch, ``eta_min + (lr − eta_min)·(1 + cos(π·epoch / T_max)) / 2`` — periodic beyond T_max (epoch T_max trains
   at eta_min, 2·T_max at lr again), as torch's recursive form. ``config.optim.eta_min`` defaults to 0: Align2Gen
-  parses ``--eta_min`` but never passes it (align2gen_spec §9).
+  parses ``--eta_min`` but never passes it (align2gen_spec §9);
+* ``"linear_warmup_decay"`` (RadGen, radgen_spec §5.1): HF ``get_linear_schedule_with_warmup`` through
+  ``LambdaLR``, ``lr · μ(s)`` with ``μ(s) = s/W`` for ``s < W`` and ``max(0, (T − s)/(T − W))`` after, ``W =
+  warmup_epochs·S``, ``T = config.train.epochs·S`` (the first update uses lr 0); ``config.optim.decay = "constant"``
+  keeps ``μ = 1`` after the warm-up (HF ``get_constant_schedule_with_warmup``).
 
-Per group the update is
+``config.optim.optimizer`` chooses the update of every group (default ``"adam"``):
 
-  element-wise gradient value clipping to ±clip_value   (torch.nn.utils.clip_grad_value_; 0 = off)
-  → coupled L2: g ← g + wd·θ                              (torch.optim.Adam weight_decay)
-  → Adam with *torch* AMSGrad (max over the raw second moment, torch bias corrections)
-  → −lr(step).
+  ``"adam"``  (torch.optim.Adam)   clip_value → coupled L2 g ← g + wd·θ → torch Adam/AMSGrad → −lr(step)
+  ``"adamw"`` (torch.optim.AdamW)  clip_value → torch Adam/AMSGrad → decoupled decay u ← u + wd·θ → −lr(step),
+                                   i.e. θ ← θ − lr·wd·θ − lr·m̂/(√v̂ + ε)
+
+where clip_value is element-wise clipping to ±``config.optim.clip_value`` (torch ``clip_grad_value_``; 0 = off),
+the Adam moments follow *torch* (AMSGrad with ``config.optim.amsgrad``: max over the raw second moment; torch bias
+corrections) and ``wd`` is ``config.optim.weight_decay_<group>`` if set, else ``config.optim.weight_decay`` (decay
+on every parameter of the group: no mask). ``config.optim.clip_norm`` > 0 first clips all trainable gradients
+together by their global L2 norm as torch ``clip_grad_norm_`` does (``g ← g · min(1, max_norm/(‖g‖ + 1e-6))``,
+``clip_by_torch_global_norm``; 0 = off, the default), before the per-group value clipping.
 
 ``config.optim.frozen`` lists path substrings of parameters that torch never updates (the unused FBL
-``back_norm``): no decay, no update. ``config.optim.frozen_epochs`` (group → epochs, staged training) gives a
-group no update and leaves its optimiser state untouched for its first epochs, so it starts Adam afresh when it
-is unfrozen, as torch does for parameters that get their first gradient. ``optax.amsgrad`` is *not* used: it takes
-the maximum of the bias-corrected second moment, which gives different updates.
+``back_norm``): no decay, no update. ``config.optim.frozen_epochs`` (group → epochs; staged training, RadGen's
+progressive unfreezing, radgen_spec §5.2) gives a group, for its first epochs, no update, no weight decay (coupled
+or decoupled: both are inside the frozen part) and no optimiser-state change, so its Adam starts afresh with its
+own step count (bias correction t' = 1 at its first update) when it is unfrozen, as torch does for parameters that
+get their first gradient, while its schedule counts every step. Frozen parameters (either kind) do not enter the
+global clip norm: torch has no gradient for them. ``optax.amsgrad`` is *not* used: it takes the maximum of the
+bias-corrected second moment, which gives different updates.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +55,9 @@ import ml_collections
 import optax
 
 FROZEN_GROUP = "frozen"
-SCHEDULES = ("timm_step", "step_lr", "cosine_epoch")
+SCHEDULES = ("timm_step", "step_lr", "cosine_epoch", "linear_warmup_decay")
+DECAYS = ("linear", "constant")
+OPTIMIZERS = ("adam", "adamw")
 
 
 # --- learning-rate schedule --------------------------------------------------------------------------------
@@ -95,7 +112,8 @@ def learning_rate_schedules(config: ml_collections.ConfigDict,
   kind = o.get("schedule", "timm_step")
   if kind not in SCHEDULES:
     raise ValueError(f"config.optim.schedule={kind!r}; choose one of {SCHEDULES}.")
-  decay_steps = max(int(o.decay_epochs) * steps_per_epoch, 1)
+  # Only the step schedules read decay_epochs (RadGen's config has none).
+  decay_steps = max(int(o.decay_epochs) * steps_per_epoch, 1) if kind in ("timm_step", "step_lr") else None
   schedules = {}
   for g in param_groups(config):
     base = float(o[f"lr_{g}"])
@@ -106,9 +124,16 @@ def learning_rate_schedules(config: ml_collections.ConfigDict,
     elif kind == "step_lr":
       schedules[g] = functools.partial(timm_step_lr, base_lr=base, warmup_lr=base, warmup_steps=0,
                                        decay_steps=decay_steps, decay_rate=float(o.decay_rate))
-    else:
+    elif kind == "cosine_epoch":
       schedules[g] = functools.partial(cosine_epoch_lr, base_lr=base, eta_min=float(o.get("eta_min", 0.0)),
                                        t_max=int(o.cosine_t_max), steps_per_epoch=steps_per_epoch)
+    else:
+      decay = o.get("decay", "linear")
+      if decay not in DECAYS:
+        raise ValueError(f"config.optim.decay={decay!r}; choose one of {DECAYS}.")
+      schedules[g] = functools.partial(linear_warmup_decay_lr, base_lr=base,
+                                       warmup_steps=int(o.warmup_epochs) * steps_per_epoch,
+                                       total_steps=int(config.train.epochs) * steps_per_epoch, decay=decay)
   return schedules
 
 
@@ -118,6 +143,18 @@ def cosine_epoch_lr(t: jax.typing.ArrayLike, *, base_lr: float, eta_min: float, 
   trains at ``eta_min + (base_lr − eta_min)·(1 + cos(π e / t_max)) / 2``."""
   epoch = jnp.floor_divide(jnp.asarray(t), steps_per_epoch).astype(jnp.float32)
   return eta_min + (base_lr - eta_min) * (1.0 + jnp.cos(jnp.pi * epoch / t_max)) / 2.0
+
+
+def linear_warmup_decay_lr(t: jax.typing.ArrayLike, *, base_lr: float, warmup_steps: int, total_steps: int,
+                           decay: str = "linear") -> jax.Array:
+  """HF ``get_linear_schedule_with_warmup`` (``decay="linear"``) or ``get_constant_schedule_with_warmup``
+  (``"constant"``) through ``LambdaLR``, stepped after every update (radgen_spec §5.1): update ``t`` (0-based)
+  trains at ``base_lr · μ(t)``, ``μ(t) = t / max(1, W)`` for ``t < W``, then ``max(0, (T − t) / max(1, T − W))``
+  (linear) or 1 (constant)."""
+  t = jnp.asarray(t, jnp.float32)
+  after = (jnp.maximum(0.0, (total_steps - t) / max(1, total_steps - warmup_steps)) if decay == "linear"
+           else jnp.ones_like(t))
+  return base_lr * jnp.where(t < warmup_steps, t / max(1, warmup_steps), after)
 
 
 # --- torch-semantics Adam / AMSGrad ------------------------------------------------------------------------
@@ -184,16 +221,46 @@ def frozen_until(inner: optax.GradientTransformation, steps: int) -> optax.Gradi
 
 
 def torch_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float,
-               weight_decay: float, amsgrad: bool, clip_value: float, frozen_steps: int = 0
-               ) -> optax.GradientTransformation:
-  """One parameter group: clip_grad_value_ (``clip_value`` > 0) → coupled L2 → torch Adam/AMSGrad (all frozen
-  for the first ``frozen_steps`` steps) → −lr (the schedule counts every step, frozen ones included)."""
+               weight_decay: float, amsgrad: bool, clip_value: float, frozen_steps: int = 0,
+               decoupled: bool = False) -> optax.GradientTransformation:
+  """One parameter group: clip_grad_value_ (``clip_value`` > 0) → torch Adam/AMSGrad with coupled L2
+  (``torch.optim.Adam``) or decoupled decay after it (``decoupled``: ``torch.optim.AdamW``, radgen_spec §5.1), all
+  frozen for the first ``frozen_steps`` steps → −lr (the schedule counts every step, frozen ones included)."""
+  decay = [optax.add_decayed_weights(weight_decay)]
   direction = optax.chain(
       *([optax.clip(clip_value)] if clip_value > 0 else []),
-      optax.add_decayed_weights(weight_decay),
+      *([] if decoupled else decay),
       scale_by_torch_adam(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad),
+      *(decay if decoupled else []),
   )
   return optax.chain(frozen_until(direction, frozen_steps), optax.scale_by_learning_rate(learning_rate))
+
+
+class ClipByGlobalNormState(NamedTuple):
+  count: jax.Array
+
+
+def clip_by_torch_global_norm(max_norm: float, trainable: Callable[[jax.Array, Any], Any]
+                              ) -> optax.GradientTransformation:
+  """torch ``clip_grad_norm_(max_norm)`` over the gradients that exist at each step (radgen_spec §5.1):
+  ``‖g‖`` is the L2 norm over the leaves that ``trainable(step, updates)`` (a tree of bool scalars, ``step``
+  0-based) marks, and every leaf is multiplied by ``min(1, max_norm / (‖g‖ + 1e-6))`` (optax's
+  ``clip_by_global_norm`` uses ``max_norm / ‖g‖``). Unmarked leaves — torch's ``grad is None`` — do not count."""
+  def init_fn(params):
+    del params
+    return ClipByGlobalNormState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    marks = jax.tree.leaves(trainable(state.count, updates))
+    norm = jnp.sqrt(sum(jnp.where(m, jnp.sum(jnp.square(g.astype(jnp.float32))), 0.0)
+                        for g, m in zip(leaves, marks, strict=True)))
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    updates = jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates)
+    return updates, ClipByGlobalNormState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # --- parameter groups ----------------------------------------------------------------------------------
@@ -222,6 +289,16 @@ def param_labels(params: Any, groups: dict[str, tuple[str, ...]], frozen: tuple[
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def group_weight_decay(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Per group ``config.optim.weight_decay_<group>`` if set, else ``config.optim.weight_decay`` (radgen_spec §5.1:
+  RadGen's new layers decay at 0.001, the pretrained ones at 0.01)."""
+  o, groups = config.optim, param_groups(config)
+  unknown = sorted(k for k in o if k.startswith("weight_decay_") and k.removeprefix("weight_decay_") not in groups)
+  if unknown:
+    raise ValueError(f"config.optim has {unknown}, but no such group in config.optim.param_groups ({sorted(groups)}).")
+  return {g: float(o.get(f"weight_decay_{g}", o.weight_decay)) for g in groups}
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimiser of ``config.optim`` for a ``params`` tree (the Flax ``'params'`` collection)."""
   o = config.optim
@@ -232,11 +309,26 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
   if unknown:
     raise ValueError(f"config.optim.frozen_epochs names {unknown}, not groups of config.optim.param_groups "
                      f"({sorted(groups)}).")
+  kind = o.get("optimizer", "adam")
+  if kind not in OPTIMIZERS:
+    raise ValueError(f"config.optim.optimizer={kind!r}; choose one of {OPTIMIZERS}.")
+  frozen_steps = {g: int(frozen_epochs.get(g, 0)) * steps_per_epoch for g in groups}
+  weight_decay = group_weight_decay(config)
   transforms = {g: torch_adam(schedules[g], b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                              weight_decay=float(o.weight_decay), amsgrad=bool(o.amsgrad),
-                              clip_value=float(o.clip_value),
-                              frozen_steps=int(frozen_epochs.get(g, 0)) * steps_per_epoch)
+                              weight_decay=weight_decay[g], amsgrad=bool(o.amsgrad), clip_value=float(o.clip_value),
+                              frozen_steps=frozen_steps[g], decoupled=kind == "adamw")
                 for g in groups}
   frozen = tuple(o.frozen)
-  return optax.multi_transform({**transforms, FROZEN_GROUP: optax.set_to_zero()},
-                               lambda params: param_labels(params, groups, frozen))
+
+  def labels(tree: Any) -> Any:
+    return param_labels(tree, groups, frozen)
+
+  tx = optax.multi_transform({**transforms, FROZEN_GROUP: optax.set_to_zero()}, labels)
+  clip_norm = float(o.get("clip_norm", 0.0))
+  if clip_norm <= 0:
+    return tx
+
+  def trainable(step: jax.Array, tree: Any) -> Any:
+    return jax.tree.map(lambda g: jnp.asarray(g != FROZEN_GROUP) & (step >= frozen_steps.get(g, 0)), labels(tree))
+
+  return optax.chain(clip_by_torch_global_norm(clip_norm, trainable), tx)

@@ -14,6 +14,7 @@ The config is locked: overriding a key that does not exist is an error. The work
     tensorboard/              TensorBoard events (tensorboardX)
     curves.png                loss parts per step and val/test BLEU per epoch (``rrg_jax.curves``)
     reports/<split>_epochNNN.jsonl  each epoch's generated reports (id, reference, generated, findings)
+    plots/<split>_epochNNN_*.png    each epoch's evaluator pictures, if any (``classification``: roc, confusion)
 
 Re-running the same command resumes from the latest checkpoint with the exact next batch. Any registered system
 (``config.model.name``; ``python -m rrg_jax.models`` lists them) trains through the same loop: the system gives the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as pylogging
+import math
 import pathlib
 import signal
 import time
@@ -51,6 +53,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, checkpoin
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORTS_DIR = "reports"
+PLOTS_DIR = "plots"
 CURVES_FILE = "curves.png"
 
 
@@ -65,14 +68,15 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 # --- model selection and early stopping ----------------------------------------------------------------------
 
-def selection_score(row: Mapping[str, float], weights: Mapping[str, float]) -> float:
+def selection_score(row: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
   """``Σ weight · row[key]`` over ``config.train.selection`` (CAMANet: ``val_BLEU_4 + 0.5 · val_BLEU_1``, R2Gen:
-  ``val_BLEU_4``)."""
+  ``val_BLEU_4``, RadGen: ``val_macro_auc``). An undefined score (None, e.g. the AUC of a class absent from the
+  split) makes it NaN, which never improves (radgen_spec §5.4)."""
   missing = [k for k in weights if k not in row]
   if missing:
     raise ValueError(f"config.train.selection uses {missing}, which the epoch's scores do not have (they have "
                      f"{sorted(k for k in row if k.startswith(('val_', 'test_')))}).")
-  return float(sum(float(w) * float(row[k]) for k, w in weights.items()))
+  return float(sum(float(w) * (math.nan if row[k] is None else float(row[k])) for k, w in weights.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +85,22 @@ class Selection:
   best_score: float | None = None
   bad_epochs: int = 0
 
-  def update(self, score: float, early_stop: int, ties_improve: bool = False) -> tuple[Selection, bool, bool]:
-    """Returns ``(new selection, improved, stop)``: improved iff greater (or equal, with ``ties_improve``: R2Gen's
-    ``>=``); stop once the non-improvement counter exceeds ``early_stop`` (after the (early_stop+1)-th in a row)."""
-    if self.best_score is None or score > self.best_score or (ties_improve and score == self.best_score):
+  def update(self, score: float, early_stop: int, ties_improve: bool = False,
+             min_delta: float = 0.0) -> tuple[Selection, bool, bool]:
+    """Returns ``(new selection, improved, stop)`` (camanet_spec §8, radgen_spec §5.4).
+
+    The first evaluation always improves. Later, ``score`` improves iff ``score > best + min_delta`` (``>=`` with
+    ``ties_improve``: R2Gen's ``>=``); a NaN score never does. A NaN first score is the best (its model is kept)
+    until any non-NaN score replaces it. Stop once the non-improvement counter exceeds ``early_stop``, i.e. after
+    the (early_stop+1)-th non-improving epoch in a row: a patience "stop when the counter reaches P" (RadGen's
+    P = 10) is ``early_stop = P − 1``.
+    """
+    best = self.best_score
+    if best is None or (not math.isnan(score) and (
+        math.isnan(best) or (score >= best + min_delta if ties_improve else score > best + min_delta))):
       return Selection(score, 0), True, False
     bad = self.bad_epochs + 1
-    return Selection(self.best_score, bad), False, bad > early_stop
+    return Selection(best, bad), False, bad > early_stop
 
 
 # --- loop bookkeeping ---------------------------------------------------------------------------------------
@@ -125,8 +138,12 @@ class MetricsLogger:
       self._writer = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
   def write(self, step: int, row: Mapping[str, Any], prefix: str) -> None:
+    """One JSON row (undefined values — None, NaN, ±inf — as null) and its numbers as TensorBoard scalars."""
     if not self.enabled:
       return
+    from rrg_jax import evaluators  # pylint: disable=g-import-not-at-top
+
+    row = evaluators.json_row(row)
     with self._path.open("a") as f:
       f.write(json.dumps({"kind": prefix, "step": step, **row}, sort_keys=True) + "\n")
     for k, v in row.items():
@@ -213,7 +230,8 @@ def _select(progress: Progress, row: dict[str, Any], t: ml_collections.ConfigDic
   """Applies model selection / early stopping (``config.train``) to the epoch's scores; adds the outcome to
   ``row``."""
   score = selection_score(row, dict(t.selection))
-  selection, improved, stop = progress.selection.update(score, int(t.early_stop), bool(t.selection_ties_improve))
+  selection, improved, stop = progress.selection.update(score, int(t.early_stop), bool(t.selection_ties_improve),
+                                                        float(t.get("selection_min_delta", 0.0)))
   progress = dataclasses.replace(progress, best_score=selection.best_score, bad_epochs=selection.bad_epochs,
                                  early_stopped=stop,
                                  best_epoch=progress.epoch if improved else progress.best_epoch)
@@ -326,8 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         for split in config.train.eval_splits:
           scores, reports = evaluate.evaluate_split(system, state.variables(), tokenizer,
                                                     loader.eval_batches(config, tokenizer, split), mesh=mesh,
-                                                    progress=main)
-          row.update({f"{split}_{k}": float(v) for k, v in scores.items()})
+                                                    progress=main, plot_dir=workdir / PLOTS_DIR,
+                                                    plot_prefix=f"{split}_epoch{epoch + 1:03d}_")
+          row.update({f"{split}_{k}": None if v is None else float(v) for k, v in scores.items()})
           if main:
             evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
                                    evaluate.class_names(config))

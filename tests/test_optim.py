@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -280,3 +281,214 @@ def test_cosine_epoch_schedule_is_torch_cosine_annealing_stepped_per_epoch():
             eta_min, epoch)
       opt.step()
       sched.step()
+
+
+# --- RadGen: torch AdamW, per-group decay, global-norm clipping, HF linear warm-up/decay, unfreezing (§5) -----
+
+def _linear_warmup_config(epochs: int, warmup_epochs: int, decay: str = "linear"):
+  c = tiny_config()
+  c.train.epochs = epochs
+  c.optim.schedule, c.optim.warmup_epochs, c.optim.decay = "linear_warmup_decay", warmup_epochs, decay
+  return c
+
+
+def test_linear_warmup_decay_spec_vectors():
+  """radgen_spec §15.7 (S = 604, W = 1812): μ(s) to the spec's printed digits, through the config (lr 1), and the
+  text group's lr 2e-5·μ when it unfreezes at step 2416."""
+  c = _linear_warmup_config(30, 3)
+  c.optim.lr_ve, c.optim.lr_ed = 2e-5, 1.0
+  s = optim.learning_rate_schedules(c, 604)
+  mu = s["ed"]
+  for step, want in ((0, 0.0), (1, 0.000552), (906, 0.5), (1811, 0.999448), (1812, 1.0), (2416, 0.962963),
+                     (18119, 6.1e-5)):
+    assert abs(float(mu(step)) - want) <= 5e-7, (step, float(mu(step)))
+  assert float(mu(0)) == 0.0 and float(mu(1812)) == 1.0 and float(mu(18120)) == 0.0
+  assert float(s["ve"](2416)) == pytest.approx(1.925926e-5, abs=5e-12)
+  c.train.epochs = 10  # the code's E = 10 (T = 6,040)
+  mu10 = optim.learning_rate_schedules(c, 604)["ed"]
+  assert abs(float(mu10(2416)) - 0.857143) <= 5e-7 and float(mu10(3926)) == pytest.approx(0.5, abs=1e-7)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+@pytest.mark.parametrize("decay", ["linear", "constant"])
+def test_linear_warmup_decay_is_hf_lambda_schedule(decay, warmup_epochs):
+  """Every step (and beyond T) against transformers' own get_{linear,constant}_schedule_with_warmup."""
+  transformers = pytest.importorskip("transformers")
+  c = _linear_warmup_config(6, warmup_epochs, decay)
+  ours = optim.learning_rate_schedules(c, SPE)["ed"]
+  opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=c.optim.lr_ed)
+  w, t = warmup_epochs * SPE, 6 * SPE
+  hf = (transformers.get_linear_schedule_with_warmup(opt, w, t) if decay == "linear"
+        else transformers.get_constant_schedule_with_warmup(opt, w))
+  for step in range(t + 3):
+    assert float(ours(step)) == pytest.approx(c.optim.lr_ed * hf.lr_lambdas[0](step), rel=1e-6, abs=1e-12), step
+
+
+def test_new_optim_keys_are_checked():
+  c = _linear_warmup_config(3, 1, "cosine")
+  with pytest.raises(ValueError, match="config.optim.decay='cosine'"):
+    optim.learning_rate_schedules(c, SPE)
+  c = tiny_config()
+  c.optim.optimizer = "sgd"
+  with pytest.raises(ValueError, match="config.optim.optimizer='sgd'"):
+    optim.make_optimizer(c, SPE)
+  c = tiny_config()
+  c.optim.weight_decay_ve, c.optim.weight_decay_text = 0.1, 0.2
+  with pytest.raises(ValueError, match=r"\['weight_decay_text'\], but no such group"):
+    optim.make_optimizer(c, SPE)
+  del c.optim["weight_decay_text"]
+  assert optim.group_weight_decay(c) == {"ve": 0.1, "ed": c.optim.weight_decay}
+
+
+RG_SPE, RG_EPOCHS, RG_FROZEN_EPOCHS = 3, 5, 2  # steps per epoch; text joins at step 6 (0-based)
+RG_WD = {"text": 0.2, "head": 0.05}
+
+
+def _rg_params(rng: np.random.Generator) -> dict:
+  f = lambda *s: (rng.normal(size=s) * 0.7).astype(np.float32)  # noqa: E731
+  return {"image": {"w": f(6, 5)}, "text": {"w": f(5, 4), "b": f(4)}, "head": {"w": f(4, 3), "b": f(3)}}
+
+
+def _rg_forward(p, x, xp):
+  h = xp.tanh(x @ p["image"]["w"])
+  return xp.tanh(h @ p["text"]["w"] + p["text"]["b"]) @ p["head"]["w"] + p["head"]["b"]
+
+
+def _rg_config(decay: str, clip_norm: float = 1.0):
+  """Two groups: ``text`` (frozen for RG_FROZEN_EPOCHS) and ``head`` (everything else); AdamW, per-group decay,
+  global-norm clipping, HF linear warm-up (1 epoch) and decay."""
+  c = _linear_warmup_config(RG_EPOCHS, 1, decay)
+  o = c.optim
+  o.param_groups = ml_collections.ConfigDict({"text": ("text",), "head": ("",)})
+  o.lr_text, o.lr_head = 2e-2, 5e-2
+  o.frozen_epochs = ml_collections.ConfigDict({"text": RG_FROZEN_EPOCHS})
+  o.frozen, o.amsgrad, o.clip_value = (), False, 0.0
+  o.optimizer, o.clip_norm = "adamw", clip_norm
+  o.weight_decay, o.weight_decay_head = RG_WD["text"], RG_WD["head"]  # text: the default, head: its override
+  for unused in ("decay_epochs", "decay_rate", "warmup_lr"):  # the step schedules' keys: RadGen has none
+    del o[unused]
+  return c
+
+
+def _rg_batches(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  # Target scales 0.1 .. 5: the global gradient norm is below 1 at some steps and clipped at others.
+  return [(rng.normal(size=(8, 6)).astype(np.float32),
+           (rng.normal(size=(8, 3)) * rng.choice([0.1, 1.0, 5.0])).astype(np.float32)) for _ in range(n)]
+
+
+def _rg_torch(params: dict, batches, decay: str) -> tuple[list[dict], list[float]]:
+  """torch AdamW + HF LambdaLR + clip_grad_norm_(1.0); the text parameters have requires_grad False (grad None)
+  for the first RG_FROZEN_EPOCHS epochs. Returns the parameters after every step and the pre-clip norms."""
+  transformers = pytest.importorskip("transformers")
+  tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in _flat(params).items()}
+  tree = {"image": {"w": tp["image/w"]}, "text": {"w": tp["text/w"], "b": tp["text/b"]},
+          "head": {"w": tp["head/w"], "b": tp["head/b"]}}
+  text = [tp["text/w"], tp["text/b"]]
+  opt = torch.optim.AdamW([{"params": text, "lr": 2e-2, "weight_decay": RG_WD["text"]},
+                           {"params": [p for k, p in tp.items() if not k.startswith("text")], "lr": 5e-2,
+                            "weight_decay": RG_WD["head"]}], betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
+  w, t = RG_SPE, RG_EPOCHS * RG_SPE
+  sched = (transformers.get_linear_schedule_with_warmup(opt, w, t) if decay == "linear"
+           else transformers.get_constant_schedule_with_warmup(opt, w))
+  after, norms = [], []
+  for step, (x, y) in enumerate(batches):
+    for p in text:
+      p.requires_grad_(step >= RG_FROZEN_EPOCHS * RG_SPE)
+    opt.zero_grad(set_to_none=True)
+    loss = torch.mean((_rg_forward(tree, torch.tensor(x), torch) - torch.tensor(y)) ** 2)
+    loss.backward()
+    norms.append(float(torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)))
+    opt.step()
+    sched.step()
+    after.append({k: p.detach().numpy().copy() for k, p in tp.items()})
+  return after, norms
+
+
+def _rg_jax(params: dict, batches, tx: optax.GradientTransformation, zero_frozen_grads: bool):
+  """Every step's parameters and optimiser state; the frozen text group's gradients are its real ones, or zeros
+  (the spec's stop_gradient train step) with ``zero_frozen_grads``."""
+  grad = jax.jit(jax.grad(lambda p, x, y: jnp.mean((_rg_forward(p, x, jnp) - y) ** 2)))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  out = []
+  for step, (x, y) in enumerate(batches):
+    g = grad(params, x, y)
+    if zero_frozen_grads and step < RG_FROZEN_EPOCHS * RG_SPE:
+      g = {**g, "text": jax.tree.map(jnp.zeros_like, g["text"])}
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append((_flat(params), state))
+  return out
+
+
+def _adam_state(opt_state, group: str) -> optim.TorchAdamState:
+  multi = next(s for s in opt_state if isinstance(s, optax.MultiTransformState))
+  is_adam = lambda s: isinstance(s, optim.TorchAdamState)  # noqa: E731
+  return next(s for s in jax.tree.leaves(multi.inner_states[group], is_leaf=is_adam) if is_adam(s))
+
+
+@pytest.mark.parametrize("decay", ["linear", "constant"])
+def test_adamw_unfreezing_clip_norm_match_torch_step_by_step(decay):
+  """radgen_spec §5.1/§5.2 against torch, every step: AdamW with per-group decay, clip_grad_norm_ over the
+  parameters that have a gradient, HF schedule; the text group frozen (grad None in torch) for 2 epochs gets no
+  update, no decay and no Adam-state change, then its own Adam count from 1 while its lr follows the global step."""
+  rng = np.random.default_rng(7)
+  params = _rg_params(rng)
+  n = RG_EPOCHS * RG_SPE
+  k = RG_FROZEN_EPOCHS * RG_SPE
+  batches = _rg_batches(rng, n)
+  want, norms = _rg_torch(params, batches, decay)
+  assert min(norms) < 1.0 < max(norms)  # some steps clipped, some not
+  assert any(nm > 1.0 for nm in norms[:k])  # clipping is active while text is frozen
+  tx = optim.make_optimizer(_rg_config(decay), RG_SPE)
+  got = _rg_jax(params, batches, tx, zero_frozen_grads=False)
+  start = _flat(params)
+  worst_abs = worst_rel = 0.0
+  for step, ((ours, state), theirs) in enumerate(zip(got, want)):
+    for key in theirs:
+      diff = np.abs(ours[key] - theirs[key]).max()
+      worst_abs = max(worst_abs, diff)
+      worst_rel = max(worst_rel, diff / np.abs(theirs[key]).max())
+      np.testing.assert_allclose(ours[key], theirs[key], rtol=2e-6, atol=2e-7, err_msg=f"step {step} {key}")
+    text_adam, head_adam = _adam_state(state, "text"), _adam_state(state, "head")
+    assert int(head_adam.count) == step + 1
+    assert int(text_adam.count) == max(step + 1 - k, 0), step  # own count: t' = 1 at the first text update
+    if step < k:  # frozen: bitwise unchanged parameters (no decay) and moments never touched
+      for key in ("text/w", "text/b"):
+        np.testing.assert_array_equal(ours[key], start[key])
+      assert all(not np.asarray(m).any() for m in jax.tree.leaves((text_adam.mu, text_adam.nu)))
+  assert worst_abs > 0 or worst_rel > 0  # (printed for the record: JAX vs torch float32)
+  print(f"AdamW vs torch over {n} steps: max abs {worst_abs:.2e}, max rel (per leaf, to its max) {worst_rel:.2e}")
+  # The text group moved once unfrozen, and its first update had lr_text·μ(k) (the global step), not μ(0) = 0.
+  assert np.abs(got[k][0]["text/w"] - start["text/w"]).max() > 1e-3
+  # Gradients of frozen parameters never enter the clip norm: real and zero frozen gradients give the same run.
+  zeroed = _rg_jax(params, batches, tx, zero_frozen_grads=True)
+  for (a, _), (b, _) in zip(got, zeroed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_clip_norm_excludes_frozen_paths_and_is_the_torch_formula():
+  """clip_by_torch_global_norm on hand values: ‖(3, 4)‖ = 5 → factor 1/(5 + 1e-6); an unmarked leaf (9) neither
+  counts nor stays unscaled; below max_norm the factor is exactly 1."""
+  tx = optim.clip_by_torch_global_norm(1.0, lambda step, t: {"a": jnp.asarray(True), "frozen": step < 0})
+  g = {"a": jnp.asarray([3.0, 4.0]), "frozen": jnp.asarray([9.0])}
+  u, state = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(np.asarray(u["a"]), np.array([3.0, 4.0]) / (5 + 1e-6), rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(u["frozen"]), np.array([9.0]) / (5 + 1e-6), rtol=1e-7)
+  assert int(state.count) == 1
+  small = {"a": jnp.asarray([0.3, 0.4]), "frozen": jnp.asarray([9.0])}
+  u, _ = tx.update(small, state)
+  np.testing.assert_array_equal(np.asarray(u["a"]), np.asarray(small["a"]))
+  # Through make_optimizer: config.optim.frozen paths (torch: no grad) do not count either.
+  c = tiny_config()
+  c.optim.clip_norm, c.optim.clip_value, c.optim.weight_decay = 1.0, 0.0, 0.0
+  params = _params(np.random.default_rng(0))
+  big = jax.tree.map(np.zeros_like, params)
+  big["fore_back_learn"]["back_norm"]["gamma"] = np.full(6, 100.0, np.float32)  # frozen: must not clip the rest
+  big["encoder_decoder"]["logit"]["bias"] = np.full(7, 0.1, np.float32)  # norm 0.26 < 1: Adam's first step ±lr
+  full_tx = optim.make_optimizer(c, SPE)
+  u, _ = full_tx.update(big, full_tx.init(params), params)
+  lr0 = float(optim.learning_rate_schedules(c, SPE)["ed"](0))
+  np.testing.assert_allclose(np.asarray(u["encoder_decoder"]["logit"]["bias"]), -lr0 * 0.1 / (0.1 + 1e-8 / 1),
+                             rtol=1e-6)

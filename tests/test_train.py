@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -59,6 +60,53 @@ def test_early_stopping_after_early_stop_plus_one_non_improvements():
   assert sel.best_score == 0.3
   sel, improved, stop = train.Selection(0.3, 3).update(0.31, early_stop=3)
   assert improved and not stop and sel == train.Selection(0.31, 0)
+
+
+def test_min_delta_improvement_as_radgen():
+  """radgen_spec §5.4: an epoch improves iff score > best + 0.001; with ties counting, iff score >= best + δ."""
+  sel, improved, _ = train.Selection().update(0.5, early_stop=9, min_delta=1e-3)
+  assert improved and sel == train.Selection(0.5, 0)  # the first epoch is always best
+  assert train.Selection(0.5, 0).update(0.5009, early_stop=9, min_delta=1e-3) == (train.Selection(0.5, 1), False,
+                                                                                   False)
+  assert train.Selection(0.5, 1).update(0.5011, early_stop=9, min_delta=1e-3) == (train.Selection(0.5011, 0), True,
+                                                                                   False)
+  assert train.Selection(0.5, 0).update(0.75, early_stop=9, min_delta=0.25, ties_improve=True)[1]
+  assert not train.Selection(0.5, 0).update(0.75, early_stop=9, min_delta=0.25)[1]
+
+
+def test_nan_score_never_improves_but_a_nan_first_epoch_is_best_until_beaten():
+  """radgen_spec §5.4: a NaN score (e.g. macro-AUC of a split with one class) counts as non-improvement; the first
+  epoch is best even when NaN (its model is kept), and any later non-NaN score beats a NaN best."""
+  sel, history = train.Selection(), []
+  for score in (math.nan, math.nan, 0.2, math.nan, 0.2005, 0.3):
+    sel, improved, stop = sel.update(score, early_stop=9, min_delta=1e-3)
+    history.append((improved, sel.bad_epochs))
+  assert history == [(True, 0), (False, 1), (True, 0), (False, 1), (False, 2), (True, 0)]
+  assert sel.best_score == 0.3
+  assert math.isnan(train.selection_score({"val_macro_auc": None}, {"val_macro_auc": 1.0}))
+
+
+def test_radgen_patience_ten_is_early_stop_nine():
+  """radgen_spec §5.4 "stop when the counter reaches 10" = early_stop 9 (stop after early_stop + 1 bad epochs)."""
+  sel, stops = train.Selection(0.9, 0), []
+  for _ in range(10):
+    sel, _, stop = sel.update(0.1, early_stop=9, min_delta=1e-3)
+    stops.append(stop)
+  assert stops == [False] * 9 + [True] and sel.bad_epochs == 10
+
+
+def test_select_reads_min_delta_from_the_config_default_zero():
+  t = ml_collections.ConfigDict({"selection": {"val_macro_auc": 1.0}, "early_stop": 9,
+                                 "selection_ties_improve": False})
+  progress = train.Progress(epoch=1, best_score=0.8, best_epoch=0)
+  row = {"val_macro_auc": 0.8005}
+  assert train._select(progress, dict(row), t)[1]  # no selection_min_delta key: today's strict ">"
+  t.selection_min_delta = 1e-3
+  new, improved = train._select(progress, row, t)
+  assert not improved and new.bad_epochs == 1 and new.best_epoch == 0
+  assert row["score"] == 0.8005 and row["improved"] is False and row["best_score"] == 0.8
+  new, improved = train._select(progress, {"val_macro_auc": None}, t)
+  assert not improved and new.bad_epochs == 1
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
