@@ -18,6 +18,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -83,6 +84,17 @@ def resolve_inference_dir(path: str | pathlib.Path) -> pathlib.Path:
       f"{path / BEST_DIR / VARIABLES_DIR} (training workdir with a best checkpoint).")
 
 
+def _restore_on_host(path: pathlib.Path) -> Any:
+  """An Orbax pytree as host numpy arrays, whatever device topology saved it (a run trained on every CPU core as a
+  device is read by a 1-device evaluate / generate)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
 def load_inference(path: str | pathlib.Path):
   """Loads ``(config, variables, tokenizer)`` from an inference checkpoint or a training workdir."""
   from input_pipeline import subword  # the input pipeline owns the vocabulary formats (word or subword)
@@ -93,8 +105,7 @@ def load_inference(path: str | pathlib.Path):
   if not vocab.is_file():
     raise CheckpointError(f"{vocab} not found: the checkpoint has no vocabulary.")
   tokenizer = subword.load_tokenizer(vocab)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(directory / VARIABLES_DIR)
+  variables = _restore_on_host(directory / VARIABLES_DIR)
   if int(config.model.vocab_size) != tokenizer.vocab_size:
     raise CheckpointError(
         f"{directory}: config vocab_size {config.model.vocab_size} != vocabulary size "

@@ -179,3 +179,31 @@ def test_top_words_ranks_by_similarity_to_the_vdm():
   np.testing.assert_array_equal(grids[1], [[4, 5], [6, 7]])
   with pytest.raises(ValueError, match="square grid"):
     heatmaps.view_grids(np.arange(6), 2)
+
+
+def test_inference_checkpoint_saved_on_four_devices_loads_in_a_one_device_process(tmp_path):
+  """``rrg_jax.train`` runs every CPU core as a device; ``evaluate`` / ``generate`` run on JAX's default (one):
+  variables saved replicated over 4 devices must load there, as host arrays equal to what was saved."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from input_pipeline.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from rrg_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  config = _config()
+  config.model.vocab_size = 5
+  mesh = sharding.create_mesh((4,))
+  variables = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "batch_stats": {"mean": jnp.ones((3,))}}
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  tokenizer = Tokenizer(("<unk>", "a", "b", "c"), clean="mimic")
+  checkpointing.save_inference(tmp_path / "ckpt", config, variables, tokenizer)
+  code = ("import jax, numpy as np; from rrg_jax import checkpointing; "
+          f"_, v, _ = checkpointing.load_inference({str(tmp_path / 'ckpt')!r}); "
+          "assert len(jax.devices()) == 1; print(np.asarray(v['params']['w']).tolist(), "
+          "np.asarray(v['batch_stats']['mean']).tolist())")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split("\n")[0] == "[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] [1.0, 1.0, 1.0]"
