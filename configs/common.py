@@ -71,6 +71,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # --- evaluation (rrg_jax.evaluators) --------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.evaluators = ("report_text",)
+  c.eval.protocol = "single"            # "single" (one run on the splits / data.fold) | "cv" (every fold, rrg_jax.train)
 
   # --- decoding (rrg_jax.decoding) ------------------------------------------------------------------------
   c.decode = ml_collections.ConfigDict()

@@ -51,7 +51,8 @@ class ConversionError(ValueError):
 # --- reading .pth files ---------------------------------------------------------------------------------------
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a ``.pth`` (bare state_dict or ``{'state_dict': ..., ...}``) safely into float numpy arrays.
+  """Reads a ``.pth`` (bare state_dict, ``{'state_dict': ...}`` or ``{'model_state_dict': ...}``) safely into float
+  numpy arrays.
 
   Uses ``torch.load(weights_only=True)``: pickles that would run code are refused. A ``module.`` prefix
   (DataParallel) is stripped.
@@ -74,12 +75,14 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     first = str(e).splitlines()[0] if str(e) else ""
     raise ConversionError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                           f"{type(e).__name__}: {first}") from e
-  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-    obj = obj["state_dict"]
+  for key in ("state_dict", "model_state_dict"):  # training-script wrappers (RadGen's: model_state_dict)
+    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+      obj = obj[key]
+      break
   if not isinstance(obj, Mapping) or not obj or not all(
       isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
     raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict (a mapping of names to "
-                          "tensors, bare or under 'state_dict').")
+                          "tensors, bare or under 'state_dict' / 'model_state_dict').")
   if all(k.startswith("module.") for k in obj):
     obj = {k[len("module."):]: v for k, v in obj.items()}
   return {k: v.detach().cpu().numpy() for k, v in obj.items()}

@@ -7,7 +7,9 @@ r"""Generate a report for one study, with its predicted findings and heatmaps.
 ``config.data.num_views`` images (2 for IU X-Ray models: the two views in dataset order). Images are preprocessed
 with the evaluation transform (squash to ``image_size``, ImageNet normalisation) and decoded as in evaluation
 (``config.decode``). Prints the report and, for systems with a classifier, its findings (probability, predicted
-when ≥ 0.5), and writes ``OUTDIR/words.png`` (the decoder's cross-attention over the views for ``N`` generated
+when ≥ 0.5; with ``config.data.label_mode = "single"`` the most probable class is the prediction), and writes
+``OUTDIR/report_attention.png`` for systems that classify the generated report (RadGen: the fusion's attention over
+its words), and ``OUTDIR/words.png`` (the decoder's cross-attention over the views for ``N`` generated
 words: those whose attention best matches the VDM where the system has one, else the most focused ones) and, for
 CAMANet-style systems, ``OUTDIR/vdm.png`` (the visual discriminative map over each view). ``--json`` prints one
 JSON object instead.
@@ -127,22 +129,35 @@ def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[st
   vdm = out["vdm"][0] if "vdm" in out else None
   if vdm is not None:
     files["vdm"] = str(heatmaps.save_vdm(shown, vdm, out_dir / "vdm.png"))
-  positions = heatmaps.top_words(words, out["word_attention"][0], vdm, args.words)
+  positions = []
+  if "word_attention" in out:
+    positions = heatmaps.top_words(words, out["word_attention"][0], vdm, args.words)
   if positions:
     files["words"] = str(heatmaps.save_word_attention(shown, words, out["word_attention"][0], positions,
                                                       out_dir / "words.png"))
+  if "report_attention" in out and words:
+    files["report_attention"] = str(heatmaps.save_report_attention(words, out["report_attention"][0],
+                                                                   out_dir / "report_attention.png"))
   result = {"report": report, "log_prob": float(out["scores"][0])}
   if "probs" in out:
     probs = {n: float(p) for n, p in zip(evaluate.class_names(system.config), out["probs"][0])}
     result["findings"] = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
-    result["predicted_findings"] = [n for n, p in probs.items() if p >= evaluate.THRESHOLD]
+    if d.get("label_mode", "multi") == "single":  # one class per study: the most probable
+      result["prediction"] = max(probs, key=probs.get)
+    else:
+      result["predicted_findings"] = [n for n, p in probs.items() if p >= evaluate.THRESHOLD]
   return {**result, "heatmap_words": [words[i] for i in positions], "heatmaps": files}
 
 
 def _print(result: dict[str, Any]) -> None:
   print("Report:")
   print(f"  {result['report'] or '(empty)'}")
-  if "findings" in result:
+  if "prediction" in result:
+    print(f"Prediction: {result['prediction']}")
+    print("Class probabilities:")
+    for name, p in result["findings"].items():
+      print(f"  {'*' if name == result['prediction'] else ' '} {name:32s} {p:.3f}")
+  elif "findings" in result:
     print("Findings (classifier probability; * = predicted, p >= 0.5):")
     for name, p in result["findings"].items():
       print(f"  {'*' if p >= evaluate.THRESHOLD else ' '} {name:32s} {p:.3f}")

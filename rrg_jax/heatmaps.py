@@ -1,5 +1,6 @@
-"""Heatmap figures (matplotlib, Agg): the visual discriminative map (VDM) over each view and the decoder
-cross-attention of chosen words (paper Fig. 7/8 style), each with a colour bar.
+"""Heatmap figures (matplotlib, Agg): the visual discriminative map (VDM) over each view, the decoder
+cross-attention of chosen words (paper Fig. 7/8 style), each with a colour bar, and a classifier's attention over
+the report's words.
 
 Token layout (``layers.views.view_tokens``): ``N = V·h·w`` patch tokens, views concatenated, each view's
 ``h × w`` grid row-major; eval images are square, so ``h = w = sqrt(N / V)``. Maps are bilinearly upsampled onto
@@ -100,6 +101,28 @@ def save_boxes(image: PIL.Image.Image, xyxy: np.ndarray, width: int, height: int
     ax.text(x0 * sx + 3, y0 * sy + 12, str(k + 1), color="yellow", fontsize=10)
   ax.set_title(f"{len(xyxy)} box(es)", fontsize=10)
   ax.axis("off")
+  return _save(fig, path)
+
+
+def save_report_attention(words: Sequence[str], weights: np.ndarray, path: str | pathlib.Path,
+                          per_row: int = 16) -> pathlib.Path:
+  """The attention a classifier paid to each word of the report (``weights`` (n,) aligned with ``words``, e.g.
+  RadGen's fusion cross-attention, head mean) as a strip of cells, ``per_row`` words a row, one colour scale."""
+  if not len(words):
+    raise ValueError("No words to draw (the report is empty).")
+  w = np.asarray(weights, np.float64)[:len(words)]
+  rows = math.ceil(len(words) / per_row)
+  grid = np.full((rows, per_row), np.nan)
+  grid.flat[:len(words)] = w
+  fig, ax = plt.subplots(figsize=(0.9 * per_row, 0.8 * rows + 0.8))
+  im = ax.imshow(grid, cmap="viridis", vmin=float(w.min()), vmax=float(w.max()), aspect="auto")
+  for i, word in enumerate(words):
+    ax.text(i % per_row, i // per_row, word, ha="center", va="center", fontsize=8, rotation=30,
+            color="white" if w[i] < (w.min() + w.max()) / 2 else "black")
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title("attention over the report's words", fontsize=10)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="cross-attention")
   return _save(fig, path)
 
 

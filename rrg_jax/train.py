@@ -372,6 +372,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return progress
 
 
+# --- evaluation protocols -----------------------------------------------------------------------------------
+
+PROTOCOLS = ("single", "cv")
+CV_METRICS_FILE = "cv_metrics.json"
+
+
+def best_epoch_row(workdir: pathlib.Path, best_epoch: int) -> dict[str, Any]:
+  """The epoch row of ``best_epoch`` (1-based) in ``workdir/metrics.jsonl`` (the last one written for it)."""
+  rows = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
+  found = [r for r in rows if r["kind"] == "epoch" and r["epoch"] == best_epoch]
+  if not found:
+    raise ValueError(f"{workdir / METRICS_FILE} has no row of epoch {best_epoch}.")
+  return found[-1]
+
+
+def cv_summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per-fold best-epoch ``val_*`` scores → ``{"folds": [...], "mean": {...}, "std": {...}, "n": {...}}``: mean and
+  population standard deviation (ddof 0) of each score over the folds where it is defined (radgen_spec §7)."""
+  keys = sorted({k for f in folds for k, v in f["scores"].items() if isinstance(v, (int, float))})
+  out: dict[str, Any] = {"folds": folds, "mean": {}, "std": {}, "n": {}}
+  for k in keys:
+    values = np.asarray([f["scores"][k] for f in folds if isinstance(f["scores"].get(k), (int, float))
+                         and math.isfinite(f["scores"][k])], np.float64)
+    out["n"][k] = int(values.size)
+    out["mean"][k] = float(values.mean()) if values.size else None
+    out["std"][k] = float(values.std()) if values.size else None
+  return out
+
+
+def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
+  """``config.eval.protocol``: ``single`` trains once on the configured splits (with ``data.fold = k``: train on
+  the other folds, select and report on fold k — radgen_spec §7's ``single_fold`` with k = 4); ``cv`` runs every
+  fold k = 0..``data.num_folds``−1 in turn in ``WORKDIR/fold_k/`` (each resumable: the same command continues the
+  unfinished fold) and writes the per-fold best-epoch val scores with their mean ± std to
+  ``WORKDIR/cv_metrics.json``. Returns the last fold's progress (not done after a SIGTERM)."""
+  protocol = config.eval.get("protocol", "single")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"config.eval.protocol={protocol!r}; choose one of {PROTOCOLS}.")
+  workdir = pathlib.Path(workdir).absolute()
+  if protocol == "single":
+    return train_and_evaluate(config, workdir)
+  folds = []
+  for k in range(int(config.data.num_folds)):
+    fold_config = config.copy_and_resolve_references()
+    fold_config.data.fold = k
+    fold_dir = workdir / f"fold_{k}"
+    logging.info("Cross-validation fold %d/%d in %s", k + 1, config.data.num_folds, fold_dir)
+    progress = train_and_evaluate(fold_config, fold_dir)
+    if not progress.done(fold_config):
+      return progress
+    row = best_epoch_row(fold_dir, progress.best_epoch)
+    folds.append({"fold": k, "best_epoch": progress.best_epoch,
+                  "scores": {key: v for key, v in row.items() if key.startswith("val_")}})
+  if jax.process_index() == 0:
+    summary = cv_summary(folds)
+    (workdir / CV_METRICS_FILE).write_text(json.dumps({"protocol": protocol, **summary}, indent=1, sort_keys=True))
+    logging.info("Cross-validation: %s", json.dumps({k: summary["mean"][k] for k in sorted(summary["mean"])}))
+  return progress
+
+
 class _QuietOrbax:
   """Drops Orbax's per-save INFO lines from the absl log (warnings and errors still pass)."""
 
@@ -405,7 +465,7 @@ def main(argv: list[str]) -> None:
     cache = compilation_cache.enable(_CONFIG.value.get("compilation_cache", compilation_cache.DEFAULT))
     logging.info("XLA compilation cache: %s", cache or "off")
     logging.info("Workdir: %s", pathlib.Path(workdir).absolute())
-    progress = train_and_evaluate(_CONFIG.value, workdir)
+    progress = run_protocol(_CONFIG.value, workdir)
   except NonFiniteLossError as e:
     logging.error("%s", e)
     raise SystemExit(cli.error_line(e)) from None

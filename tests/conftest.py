@@ -104,9 +104,20 @@ def tiny_align2gen_config(vocab_size: int = 40):
   return c
 
 
+def tiny_radgen_config():
+  """RadGen's ``radgen_tiny`` preset (radgen_spec §3.10: 56² images, Swin of width 16 → 49 tokens, BART / BERT of
+  width 32, fusion width 32) on the embedded sample's 3 classes, batch 4."""
+  from configs import radgen
+
+  c = radgen.get_config("radgen_tiny")
+  c.model.vocab_size = 40
+  c.train.batch_size = 4
+  return c
+
+
 # Every registered system's tiny config: the system-generic tests (train loop, resume, devices) run on each.
 TINY_CONFIGS = {"camanet": lambda: tiny_config(num_classes=15), "r2gen": tiny_r2gen_config,
-                "align2gen": tiny_align2gen_config}
+                "align2gen": tiny_align2gen_config, "radgen": tiny_radgen_config}
 
 
 @pytest.fixture

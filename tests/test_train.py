@@ -109,6 +109,63 @@ def test_select_reads_min_delta_from_the_config_default_zero():
   assert not improved and new.bad_epochs == 1
 
 
+# --- evaluation protocols -------------------------------------------------------------------------------------
+
+def test_cv_protocol_runs_every_fold_in_its_workdir_resumes_and_summarises(tmp_path, monkeypatch):
+  """``eval.protocol = "cv"``: fold k trains in WORKDIR/fold_k with data.fold = k; a stop (SIGTERM) in a fold
+  returns at once and the same call continues there; cv_metrics.json holds each fold's best-epoch val scores and
+  their mean / population std over the folds where a score is defined (radgen_spec §7). train_and_evaluate is
+  replaced by a stand-in that writes the epoch rows a run writes."""
+  from configs import radgen  # pylint: disable=g-import-not-at-top
+
+  config = radgen.get_config("radgen")
+  config.data.num_folds = 3
+  calls, interrupt = [], {1}
+  scores = {0: (0.5, 0.9), 1: (0.7, None), 2: (0.6, 0.7)}  # (val_macro_auc at the best epoch, val_auc_TB)
+
+  def fake_train(fold_config, workdir):
+    k = int(fold_config.data.fold)
+    calls.append((k, pathlib.Path(workdir).name))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if k in interrupt:  # stopped by SIGTERM after its first epoch
+      interrupt.discard(k)
+      return train.Progress(epoch=1, best_epoch=1)
+    auc, tb = scores[k]
+    rows = [{"kind": "epoch", "epoch": 1, "val_macro_auc": auc - 0.1, "val_auc_TB": 0.0},
+            {"kind": "epoch", "epoch": 2, "val_macro_auc": auc, "val_auc_TB": tb, "train_loss": 1.0}]
+    (workdir / train.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train.Progress(epoch=int(fold_config.train.epochs), best_epoch=2)
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  progress = train.run_protocol(config, tmp_path)
+  assert not progress.done(config) and calls == [(0, "fold_0"), (1, "fold_1")]
+  assert not (tmp_path / train.CV_METRICS_FILE).exists()
+  progress = train.run_protocol(config, tmp_path)  # the same command again: fold 0 is done (quick), 1 and 2 run
+  assert progress.done(config) and calls[2:] == [(0, "fold_0"), (1, "fold_1"), (2, "fold_2")]
+  summary = json.loads((tmp_path / train.CV_METRICS_FILE).read_text())
+  assert [f["fold"] for f in summary["folds"]] == [0, 1, 2] and {f["best_epoch"] for f in summary["folds"]} == {2}
+  assert summary["folds"][1]["scores"] == {"val_macro_auc": 0.7, "val_auc_TB": None}
+  np.testing.assert_allclose(summary["mean"]["val_macro_auc"], 0.6)
+  np.testing.assert_allclose(summary["std"]["val_macro_auc"], np.std([0.5, 0.7, 0.6]))
+  assert summary["n"]["val_auc_TB"] == 2  # undefined in fold 1: left out
+  np.testing.assert_allclose(summary["mean"]["val_auc_TB"], 0.8)
+  np.testing.assert_allclose(summary["std"]["val_auc_TB"], 0.1)
+  assert "train_loss" not in summary["mean"]
+
+
+def test_single_protocol_trains_once_in_the_workdir(tmp_path, monkeypatch):
+  from configs import radgen  # pylint: disable=g-import-not-at-top
+
+  seen = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: seen.append((int(c.data.fold), w)) or "progress")
+  assert train.run_protocol(radgen.get_config("radgen_code"), tmp_path) == "progress"
+  assert seen == [(4, tmp_path.absolute())]  # the public code's single fold 4
+  config = radgen.get_config("radgen_code")
+  config.eval.protocol = "folds"
+  with pytest.raises(ValueError, match="eval.protocol='folds'"):
+    train.run_protocol(config, tmp_path)
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 def test_cli_rejects_unknown_config_key(tmp_path):
@@ -205,6 +262,7 @@ def test_three_steps_one_device_equal_four_devices(name):
   # CAMANet with 5 classes: with 15 the VTAC top-k word choice of step 3 flips under 1-vs-4-device noise.
   config = tiny_config() if name == "camanet" else TINY_CONFIGS[name]()
   config.data.max_seq_length = 12
+  config.optim.warmup_epochs = 0  # full learning rates from step 1 (a linear warm-up starts at 0)
   system = models.get_system(config)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
   variables = jax.device_get(system.init(jax.random.key(0)))  # host copy: state is donated
@@ -363,7 +421,9 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, name):
   config = _tiny(name, checkpoint_every_steps=1, eval_splits=())
-  config.optim.lr_ve = config.optim.lr_ed = 1e30  # step 1 is finite, its update blows the weights up
+  for group in config.optim.param_groups:  # step 1 is finite, its update blows the weights up
+    config.optim[f"lr_{group}"] = 1e30
+  config.optim.warmup_epochs = 0  # the first update at full lr (a linear warm-up starts at lr 0)
   with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss or gradient at step 2 .*last good "
                                                       r"checkpoint is step 1"):
     train.train_and_evaluate(config, tmp_path)

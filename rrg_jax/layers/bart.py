@@ -335,12 +335,15 @@ class BartForConditionalGeneration(nn.Module):
   Attributes:
     config: a ``BartConfig`` (``BartConfig.from_hf_config(json)``).
     dtype: compute dtype (params float32; softmax, LayerNorm statistics and logits float32).
+    constants_collection: the non-trainable collection that holds ``final_logits_bias`` (a system whose train
+      state carries its non-trainable variables as ``batch_stats`` names that one).
 
   Variables: ``{"params": ..., "constants": {"final_logits_bias": (1, V)}}`` (``init`` creates both; the
   ``constants`` collection must be passed to ``apply`` whenever logits are computed).
   """
   config: BartConfig
   dtype: Any = jnp.float32
+  constants_collection: str = "constants"
 
   def setup(self):
     c = self.config
@@ -353,8 +356,8 @@ class BartForConditionalGeneration(nn.Module):
     self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=shared_init)
     self.encoder = BartEncoder(c, self.dtype)
     self.decoder = BartDecoder(c, self.dtype)
-    if self.is_initializing() or self.has_variable("constants", "final_logits_bias"):
-      self.final_logits_bias = self.variable("constants", "final_logits_bias",
+    if self.is_initializing() or self.has_variable(self.constants_collection, "final_logits_bias"):
+      self.final_logits_bias = self.variable(self.constants_collection, "final_logits_bias",
                                              lambda: jnp.zeros((1, c.vocab_size), jnp.float32))
     else:
       self.final_logits_bias = None
@@ -372,8 +375,9 @@ class BartForConditionalGeneration(nn.Module):
   def head(self, y: jax.Array) -> jax.Array:
     """Decoder output (..., D) → logits ``y·sharedᵀ + final_logits_bias`` (..., V) float32."""
     if self.final_logits_bias is None:
-      raise ValueError("BART logits need the 'constants' collection (final_logits_bias): apply with "
-                       "{'params': ..., 'constants': ...} as returned by init / hf_weights.load_bart.")
+      raise ValueError(f"BART logits need the {self.constants_collection!r} collection (final_logits_bias): apply "
+                       f"with {{'params': ..., {self.constants_collection!r}: ...}} as returned by init / "
+                       "hf_weights.load_bart.")
     emb = self.shared.embedding
     logits = jnp.einsum("...d,vd->...v", y.astype(self.dtype), emb.astype(self.dtype),
                         preferred_element_type=jnp.float32)

@@ -96,7 +96,8 @@ class System:
   def random_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A random host batch of every declared training field (benchmarks, tests): reports of random length
     4..T (BOS and EOS = 0 at their ends, random ids between, zero-padded) with their ``masks``; ``images`` N(0, 1);
-    ``labels`` (when declared) ~30% positive with class 0 always positive (every example has a finding); any
+    ``labels`` (when declared) ~30% positive with class 0 always positive (every example has a finding), or a uniform
+    class id when declared per example as a scalar; ``sample_weight`` (when declared) 1; any
     other float field N(0, 1), any other field 0 or 1 (valid for every vocabulary, mask and flag)."""
     rng = np.random.default_rng(seed)
     fields = self.batch_fields()
@@ -108,10 +109,14 @@ class System:
     targets[np.arange(batch_size), lengths - 1] = 0
     batch = {"targets": np.where(masks > 0, targets, 0).astype(np.int32), "masks": masks,
              "images": rng.normal(size=(batch_size,) + fields["images"].shape).astype(np.float32)}
-    if "labels" in fields:
+    if "labels" in fields and fields["labels"].shape:  # multi-hot findings
       labels = (rng.random((batch_size,) + fields["labels"].shape) < 0.3).astype(np.float32)
       labels[:, 0] = 1.0
       batch["labels"] = labels
+    elif "labels" in fields:  # one class id per example
+      batch["labels"] = rng.integers(0, int(self.config.model.num_classes), batch_size).astype(np.int32)
+    if "sample_weight" in fields:  # every row real
+      batch["sample_weight"] = np.ones((batch_size,), np.float32)
     for name, field in fields.items():
       if name in batch:
         continue

@@ -1,0 +1,457 @@
+"""RadGen (radgen_spec.md): image → generated report → text encoder → gated cross-modal fusion → class.
+
+Composition only (the blocks: ``layers.swin``, ``layers.bart``, ``layers.bert``, ``alignment.fusion``,
+``layers.classifier``; HF-semantics beam search from ``decoding``). Parameter tree (spec §10.4's port tree):
+``image_encoder/…`` (HF ``SwinModel``), ``image_proj`` (Swin width → D), ``adapter_{dense,norm}`` (→ BART width),
+``decoder/…`` (HF ``BartForConditionalGeneration``; its ``final_logits_bias`` buffer lives in ``batch_stats``, the
+train state's non-trainable collection, and is never updated), ``text_encoder/…`` (HF ``BertModel`` without the
+pooler), ``fusion/…``, ``classifier/…``.
+
+Forward (§3.11), with ``F`` the Swin tokens (B, N, C_swin), ``P = F W_p + b_p`` (B, N, D) and ``z_img = mean_n P``:
+
+* memory (§3.3): ``M = GELU(LN_a(X W_a + b_a))`` over the N tokens, ``X = P`` (``adapter_input = projected``) or
+  ``F`` (``swin``, the public code); ``visual_memory = pooled`` uses the single token from ``z_img`` instead; the
+  BART encoder runs over it as input embeddings (``use_encoder``), else the decoder reads ``M`` directly;
+* report (§3.4): BART's teacher-forced decoder over the memory → logits (B, T, V);
+* text (§3.6): the report *generated with the current parameters* (no gradient, deterministic: ``System.forward``)
+  → text-encoder ids ``[CLS] words [SEP]`` → BERT → ``H`` (B, T_t, d) → fusion with ``z_img`` (§3.8) →
+  classifier (§3.9) → class logits (B, C).
+``report_branch = False`` (``wo_report_generation``, §9.2): no decoder and no text branch, ``z = z_img``.
+
+Tokens (word backend, §2.3 [decision]): the project's word tokenizer (id 0 = BOS = EOS = PAD, words 1..K−1) for the
+decoder; the text encoder's vocabulary appends ``[CLS] = K`` and ``[SEP] = K + 1`` (pad 0). Targets
+``[0, w1..wn, 0]`` (``data.max_seq_length`` = 1 + the decoder length): the decoder reads ``targets[:, :-1]`` and
+predicts ``targets[:, 1:]``. The HF backend (BART BPE + ClinicalBERT WordPiece, a host re-tokenisation between
+generation and the text encoder) is not built yet: ``data.tokenizer = "hf"`` is refused with a message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rrg_jax import convert, decoding, hf_weights, losses, models
+from rrg_jax.alignment.fusion import CrossModalFusion
+from rrg_jax.layers.bart import BartConfig, BartForConditionalGeneration
+from rrg_jax.layers.bert import BertConfig, BertModel
+from rrg_jax.layers.classifier import ClassifierHead
+from rrg_jax.layers.linear import Linear, torch_kernel_init
+from rrg_jax.layers.swin import SwinConfig, SwinModel
+from rrg_jax.convert import ConversionError
+from rrg_jax.models.system import Field, System, module_kwargs
+
+VISUAL_MEMORIES = ("patch", "pooled")
+ADAPTER_INPUTS = ("projected", "swin")
+TOKENIZERS = ("word",)
+NON_TRAINABLE = "batch_stats"  # the train state's non-trainable collection (BART's final_logits_bias)
+
+
+class RadGen(nn.Module):
+  """The RadGen model. Attributes are the ``config.model`` fields (``configs/radgen.py``); ``dtype`` is the compute
+  dtype name ("float32" | "bfloat16"; params, LayerNorm statistics, softmax and losses stay float32)."""
+  swin: SwinConfig
+  bart: BartConfig | None
+  bert: BertConfig | None
+  num_classes: int = 3
+  fusion_dim: int = 512
+  fusion_heads: int = 8
+  fusion_ffn: int = 2048
+  fusion_dropout: float = 0.1
+  fusion_mode: str = "cross_attention"
+  text_pool: str = "masked_mean"
+  gate: bool = True
+  gate_mix: str = "fused"
+  classifier_hidden: Sequence[int] = (256, 128)
+  classifier_dropout: float = 0.3
+  visual_memory: str = "patch"
+  adapter_input: str = "projected"
+  use_encoder: bool = True
+  drop_path_on_mlp: bool = False
+  dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config: Any) -> RadGen:
+    """From ``config.model`` (``report_branch`` False drops BART and BERT)."""
+    kwargs = module_kwargs(cls, config)
+    kwargs["swin"] = SwinConfig(**dict(config.swin))
+    branch = bool(config.get("report_branch", True))
+    kwargs["bart"] = BartConfig(**dict(config.bart)) if branch else None
+    kwargs["bert"] = BertConfig(**dict(config.bert)) if branch else None
+    return cls(**kwargs)
+
+  def setup(self):
+    for value, choices, what in ((self.visual_memory, VISUAL_MEMORIES, "visual_memory"),
+                                 (self.adapter_input, ADAPTER_INPUTS, "adapter_input")):
+      if value not in choices:
+        raise ValueError(f"config.model.{what}={value!r}; choose one of {choices}.")
+    dtype = jnp.dtype(self.dtype)
+    self.image_encoder = SwinModel(self.swin, add_pooling_layer=False, dtype=dtype,
+                                   drop_path_on_mlp=self.drop_path_on_mlp)
+    self.image_proj = Linear(self.fusion_dim, kernel_init=torch_kernel_init, dtype=dtype)
+    if self.bart is not None:
+      self.adapter_dense = Linear(self.bart.d_model, kernel_init=torch_kernel_init, dtype=dtype)
+      self.adapter_norm = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32)
+      self.decoder = BartForConditionalGeneration(self.bart, dtype, constants_collection=NON_TRAINABLE)
+      self.text_encoder = BertModel(self.bert, add_pooling_layer=False, dtype=dtype)
+      self.fusion = CrossModalFusion(self.fusion_dim, self.fusion_heads, self.fusion_ffn, self.fusion_mode,
+                                     self.text_pool, self.gate, self.gate_mix, self.fusion_dropout,
+                                     self.fusion_dropout, dtype=dtype)
+    self.classifier = ClassifierHead(tuple(self.classifier_hidden), self.num_classes, self.classifier_dropout,
+                                     dtype=dtype)
+
+  # --- image → z_img and the decoder memory --------------------------------------------------------------------
+
+  def encode(self, images: jax.Array, *, deterministic: bool = True) -> dict[str, jax.Array]:
+    """images (B, 1, S, S, 3) → ``z_img`` (B, D) and, with the report branch, ``memory`` (B, N', d): the BART
+    encoder's output over the adapted tokens (N' = N, or 1 with ``visual_memory = pooled``)."""
+    if images.ndim != 5 or images.shape[1] != 1:
+      raise ValueError(f"RadGen reads one view: images (B, 1, S, S, 3), got {images.shape}.")
+    f = self.image_encoder(images[:, 0], deterministic=deterministic)["last_hidden_state"]
+    p = self.image_proj(f)
+    z_img = jnp.mean(p.astype(jnp.float32), axis=1)
+    out = {"z_img": z_img}
+    if self.bart is None:
+      return out
+    x = p if self.adapter_input == "projected" else f
+    if self.visual_memory == "pooled":  # one token: the mean (z_img itself for the projected tokens)
+      x = jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True).astype(x.dtype)
+    m = nn.gelu(self.adapter_norm(self.adapter_dense(x)), approximate=False)
+    out["memory"] = self.decoder.encode(inputs_embeds=m, deterministic=deterministic) if self.use_encoder else m
+    return out
+
+  # --- report decoder ----------------------------------------------------------------------------------------
+
+  def report_logits(self, decoder_inputs: jax.Array, memory: jax.Array, *, deterministic: bool = True
+                    ) -> jax.Array:
+    """Teacher-forced decoder: ids (B, T) over memory (B, N', d) → logits (B, T, V) float32 (causal mask only:
+    the loss ignores pad positions, so their keys cannot reach a counted position)."""
+    return self.decoder.decode(decoder_inputs, memory, deterministic=deterministic)["logits"]
+
+  def init_cache(self, memory: jax.Array, max_len: int):
+    return self.decoder.init_cache(memory, None, max_len)
+
+  def decode_step(self, cache, token: jax.Array):
+    return self.decoder.decode_step(cache, token)
+
+  # --- text → fusion → class -----------------------------------------------------------------------------------
+
+  def classify(self, z_img: jax.Array, text_ids: jax.Array | None, text_mask: jax.Array | None, *,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    """z_img (B, D), text ids / mask (B, T_t) → ``class_logits`` (B, C) float32 and, with the fusion's
+    cross-attention, ``text_attention`` (B, heads, 1, T_t)."""
+    out = {}
+    z = z_img
+    if self.bert is not None:
+      h = self.text_encoder(text_ids, text_mask, deterministic=deterministic)["last_hidden_state"]
+      z, probs = self.fusion(z_img, h, text_mask, deterministic=deterministic)
+      if probs is not None:
+        out["text_attention"] = probs
+    out["class_logits"] = self.classifier(z, deterministic=deterministic).astype(jnp.float32)
+    return out
+
+  def __call__(self, images: jax.Array, targets: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    """Training forward (§3.11): images (B, 1, S, S, 3), targets (B, T) (the decoder reads ``targets[:, :-1]``),
+    the generated report's text ids / mask (B, T_t) → ``class_logits`` (B, C), ``report_logits`` (B, T − 1, V)
+    (absent without the report branch), ``text_attention``."""
+    det = not train
+    enc = self.encode(images, deterministic=det)
+    out = self.classify(enc["z_img"], text_ids, text_mask, deterministic=det)
+    if self.bart is not None:
+      out["report_logits"] = self.report_logits(targets[:, :-1], enc["memory"], deterministic=det)
+    return out
+
+
+def text_encoder_ids(tokens: jax.Array, cls_id: int, sep_id: int, length: int) -> tuple[jax.Array, jax.Array]:
+  """Generated decoder tokens (B, L) (the start token first, words, EOS = 0, pads 0) → the text encoder's ids
+  ``[CLS] w1..wn [SEP] 0…`` (B, length) int32 and mask (B, length) int32: the words before the first 0 after the
+  start token, at most ``length − 2`` of them (§3.6, word backend, on device)."""
+  words = tokens[:, 1:]
+  n = jnp.minimum(jnp.sum(jnp.cumprod(words != 0, axis=1), axis=1), length - 2)[:, None]  # (B, 1)
+  j = jnp.arange(length)[None]
+  word = jnp.take_along_axis(words, jnp.clip(j - 1, 0, words.shape[1] - 1).repeat(words.shape[0], 0), axis=1)
+  ids = jnp.where(j == 0, cls_id, jnp.where(j <= n, word, jnp.where(j == n + 1, sep_id, 0)))
+  return ids.astype(jnp.int32), (j <= n + 1).astype(jnp.int32)
+
+
+# --- the public code's checkpoint (§10.4) ------------------------------------------------------------------------
+
+SWIN_PREFIXES = ("report_gen.swin.", "report_gen.image_encoder.backbone.")  # one module, registered twice
+BART_PREFIX = "report_gen.bart."
+BERT_PREFIX = "clinical_bert."
+BART_EMBEDDING = BART_PREFIX + "model.shared.weight"
+BERT_EMBEDDING = BERT_PREFIX + "embeddings.word_embeddings.weight"
+# The new layers' torch keys → this port's (then ``convert``'s naming rule: Linear weights transposed, 1-D LayerNorm
+# ``weight`` → ``scale``); the classifier's Sequential indices and the packed attention projections are mapped in
+# ``public_head_state_dict``.
+_HEAD_RENAMES = ((r"^report_gen\.image_encoder\.proj\.", "image_proj."),
+                 (r"^report_gen\.bart_proj\.0\.", "adapter_dense."),
+                 (r"^report_gen\.bart_proj\.1\.", "adapter_norm."),
+                 (r"^fusion\.(cross_attn|self_attn)\.out_proj\.", r"fusion.\1.out."),
+                 (r"^fusion\.ffn\.0\.", "fusion.ffn_in."),
+                 (r"^fusion\.ffn\.3\.", "fusion.ffn_out."),
+                 (r"^fusion\.gate\.0\.", "fusion.gate."))
+_IN_PROJ = re.compile(r"^(fusion\.(?:cross_attn|self_attn))\.in_proj_(weight|bias)$")
+_CLASSIFIER = re.compile(r"^classifier\.(\d+)\.")
+
+
+def public_head_state_dict(state_dict: Mapping[str, np.ndarray], num_hidden: int) -> dict[str, np.ndarray]:
+  """The public code's keys of the layers around the backbones (``report_gen.image_encoder.proj``,
+  ``report_gen.bart_proj.{0,1}``, ``fusion.*``, ``classifier.*``; §10.4) → this port's keys, in the naming rule of
+  ``rrg_jax.convert``: ``image_proj``, ``adapter_dense``, ``adapter_norm``; ``fusion.{cross,self}_attn.in_proj_*``
+  (3D, D) / (3D,) split into thirds ``query | key | value``, ``out_proj`` → ``out``, ``ffn.0`` / ``ffn.3`` →
+  ``ffn_in`` / ``ffn_out``, ``gate.0`` → ``gate``; ``classifier.{4i}`` / ``{4i+1}`` → ``dense_i`` / ``norm_i``,
+  ``classifier.{4·num_hidden}`` → ``out`` (any other index is kept, so that it is reported as unexpected). Keys
+  with other prefixes pass unchanged."""
+  classifier = {4 * i: f"dense_{i}" for i in range(num_hidden)}
+  classifier.update({4 * i + 1: f"norm_{i}" for i in range(num_hidden)})
+  classifier[4 * num_hidden] = "out"
+  out = {}
+  for key, value in state_dict.items():
+    packed = _IN_PROJ.match(key)
+    if packed:
+      for name, part in zip(("query", "key", "value"), np.split(np.asarray(value), 3)):
+        out[f"{packed.group(1)}.{name}.{packed.group(2)}"] = part
+      continue
+    for pattern, repl in _HEAD_RENAMES:
+      key = re.sub(pattern, repl, key)
+    key = _CLASSIFIER.sub(lambda m: f"classifier.{classifier.get(int(m.group(1)), m.group(1))}.", key)
+    out[key] = value
+  return out
+
+
+def _public_swin(state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  """The Swin entries, prefix stripped: ``report_gen.swin.*`` and its copy ``report_gen.image_encoder.backbone.*``
+  (either or both; both must hold the same keys and values, else ConversionError naming the differences)."""
+  copies = [{k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)} for p in SWIN_PREFIXES]
+  first, second = copies
+  if first and second:
+    differ = sorted(set(first) ^ set(second)) + sorted(
+        k for k in set(first) & set(second) if np.shape(first[k]) != np.shape(second[k])
+        or not np.array_equal(np.asarray(first[k]), np.asarray(second[k])))
+    if differ:
+      raise ConversionError(f"{source}: {SWIN_PREFIXES[0]}* and {SWIN_PREFIXES[1]}* (one module registered twice) "
+                            f"differ in {len(differ)} entries: " + ", ".join(differ[:5]))
+  return first or second
+
+
+def _class_weights(config: ml_collections.ConfigDict) -> np.ndarray:
+  """``model.class_weights``: C numbers, or "auto" = max_k n_k / n_c over the train split's class counts (§4)."""
+  w = config.model.class_weights
+  if isinstance(w, str):
+    if w != "auto":
+      raise ValueError(f"config.model.class_weights={w!r}; give C numbers or 'auto'.")
+    from input_pipeline import loader, sampling  # pylint: disable=g-import-not-at-top
+
+    labels = [r.label for r in loader.load_records(config, "train")]
+    counts = np.bincount(labels, minlength=int(config.model.num_classes))
+    return np.asarray(sampling.class_weights_auto(counts), np.float32)
+  w = np.asarray(w, np.float32)
+  if w.shape != (int(config.model.num_classes),):
+    raise ValueError(f"config.model.class_weights has {w.size} values, config.model.num_classes="
+                     f"{config.model.num_classes}.")
+  return w
+
+
+@models.register("radgen")
+class RadGenSystem(System):
+  """RadGen on the system contract: a forward that first generates the report it classifies, the loss
+  ``L_cls + λ·L_report`` (§4), beam-search reports with class probabilities."""
+  module_class = RadGen
+  forward_fields = ("images", "targets")
+  report_outputs = ("probs",)
+  torch_vocab_key = BART_EMBEDDING
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    m = config.model
+    tokenizer = config.data.get("tokenizer", "word")
+    if tokenizer not in TOKENIZERS:
+      raise ValueError(f"config.data.tokenizer={tokenizer!r}: only the word backend ({TOKENIZERS}) is built; the "
+                       "HF backend (BART BPE + ClinicalBERT WordPiece) is not implemented yet.")
+    if not bool(config.train.generation.deterministic):
+      raise ValueError("config.train.generation.deterministic=False (the public code's dropout during generation) "
+                       "is not implemented yet.")
+    if int(m.vocab_size) > 0 and m.get("report_branch", True):  # word backend: one vocabulary + [CLS], [SEP]
+      m.bart.vocab_size = int(m.vocab_size)
+      m.bert.vocab_size = int(m.vocab_size) + 2
+      m.bart.pad_token_id = 0
+      m.bert.pad_token_id = 0
+    super().__init__(config)
+    self.class_weights = _class_weights(config)
+
+  # --- data ------------------------------------------------------------------------------------------------
+
+  def batch_fields(self, train: bool = True) -> dict[str, Field]:
+    """images (1, S, S, 3), targets / masks (T,), labels () int32 (the class id), sample_weight () (0 on padding
+    rows)."""
+    d = self.config.data
+    s, t = int(d.image_size), int(d.max_seq_length)
+    return {"images": Field((1, s, s, 3), jnp.float32), "targets": Field((t,), jnp.int32),
+            "masks": Field((t,), jnp.float32), "labels": Field((), jnp.int32),
+            "sample_weight": Field((), jnp.float32)}
+
+  # --- model -----------------------------------------------------------------------------------------------
+
+  @property
+  def text_length(self) -> int:
+    return int(self.config.data.text_max_tokens)
+
+  def _init(self, key: jax.Array) -> dict[str, Any]:
+    x = self.dummy_batch(1)
+    ids = jnp.zeros((1, self.text_length), jnp.int32)
+    params_key, dropout_key = jax.random.split(key)
+    variables = self.module.init({"params": params_key, "dropout": dropout_key}, x["images"], x["targets"], ids,
+                                 jnp.ones_like(ids), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get(NON_TRAINABLE, {})}
+
+  def _beam(self, variables: Any, memory: jax.Array, num_beams: int) -> decoding.HFDecoded:
+    """HF-semantics beam search (§3.5, word backend: start = BOS, forced EOS at the last step, no forced BOS)."""
+    d = self.config.decode
+    max_length = int(self.config.data.max_seq_length) - 1
+
+    def step(cache, tokens):
+      return self.module.apply(variables, cache, tokens, method="decode_step")
+
+    cache = self.module.apply(variables, memory, max_length, method="init_cache")
+    return decoding.hf_beam_search(
+        step, cache, memory.shape[0], num_beams=num_beams, max_length=max_length, eos_token_id=0,
+        pad_token_id=0, start_token_id=0, length_penalty=float(d.length_penalty), early_stopping=True,
+        no_repeat_ngram_size=int(d.no_repeat_ngram_size), forced_eos_token_id=0)
+
+  def _text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    k = int(self.config.model.vocab_size)
+    return text_encoder_ids(tokens, k, k + 1, self.text_length)
+
+  def forward(self, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
+              rngs: Mapping[str, jax.Array] | None = None, mutable: Any = False):
+    """Generates each study's report with the current parameters (no gradient, deterministic, §3.6), then the
+    training forward over it (``text_source = generated``)."""
+    images = batch["images"]
+    if self.module.bart is None:
+      ids = mask = None
+    else:
+      frozen = jax.lax.stop_gradient(variables)
+      memory = self.module.apply(frozen, images, method="encode")["memory"]
+      ids, mask = self._text(self._beam(frozen, memory, int(self.config.train.generation.num_beams)).tokens)
+    return self.module.apply(variables, images, batch["targets"], ids, mask, train=train, rngs=rngs,
+                             mutable=mutable)
+
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``L_cls + λ L_report`` (§4): class-weighted CE over the real rows; token CE of ``targets[:, 1:]`` over the
+    counted positions (``model.report_ignore_pad``: the real tokens, BOS-less targets incl. EOS; else every
+    position of every real row)."""
+    m = self.config.model
+    weight = batch["sample_weight"]
+    cls = losses.weighted_cross_entropy(outputs["class_logits"], batch["labels"], self.class_weights, weight)
+    parts = {"cls": cls}
+    total = cls
+    if "report_logits" in outputs:
+      counted = batch["masks"][:, 1:] if bool(m.report_ignore_pad) else jnp.ones_like(batch["masks"][:, 1:])
+      report = losses.token_cross_entropy(outputs["report_logits"], batch["targets"][:, 1:],
+                                          counted * weight[:, None])
+      parts["report"] = report
+      total = total + float(m.report_weight) * report
+    return total, parts
+
+  # --- checkpoint conversion (§10.4) -------------------------------------------------------------------------
+
+  @classmethod
+  def complete_config_from_torch(cls, config: ml_collections.ConfigDict, state_dict: Mapping[str, np.ndarray],
+                                 source: str) -> None:
+    """``model.bart.vocab_size`` / ``model.bert.vocab_size`` from the public code's embedding tables
+    (``report_gen.bart.model.shared.weight``, ``clinical_bert.embeddings.word_embeddings.weight``). The word
+    backend (``data.tokenizer = "word"``, the only one built) needs text vocabulary = decoder vocabulary + 2; the
+    public code's BPE / WordPiece pair (50265 / 28996) needs the HF backend: ConversionError saying so."""
+    m = config.model
+    if not m.get("report_branch", True):
+      return
+    sizes = {}
+    for what, key in (("bart", BART_EMBEDDING), ("bert", BERT_EMBEDDING)):
+      if key not in state_dict:
+        raise ConversionError(f"{source} has no {key!r}: not a RadGen (public code) state_dict.")
+      sizes[what] = int(np.shape(state_dict[key])[0])
+    if config.data.get("tokenizer", "word") == "word" and sizes["bert"] != sizes["bart"] + 2:
+      raise ConversionError(f"{source}: decoder vocabulary {sizes['bart']}, text-encoder vocabulary {sizes['bert']}: "
+                            "not the word backend's (text = decoder + [CLS], [SEP]); the public code's BART BPE + "
+                            "ClinicalBERT WordPiece checkpoint needs the HF tokenizer backend, which is not built "
+                            "yet.")
+    m.bart.vocab_size, m.bert.vocab_size = sizes["bart"], sizes["bert"]
+
+  def torch_to_variables(self, state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
+    """The public code's ``model_state_dict`` (§10.4; or its gradients, same names) → ``{"params",
+    "batch_stats"}``: ``report_gen.swin.*`` (= ``report_gen.image_encoder.backbone.*``; either spelling of
+    ``hf_weights.swin_variables``) → ``image_encoder``, ``report_gen.bart.*`` → ``decoder`` (its
+    ``final_logits_bias`` → ``batch_stats``; zeros when absent), ``clinical_bert.*`` (pooler ignored) →
+    ``text_encoder``, the rest through ``public_head_state_dict``. One ConversionError lists every missing,
+    unexpected and mis-shaped key of every part."""
+    errors: list[str] = []
+
+    def part(what: str, read) -> dict[str, Any]:
+      """``read(source)``, its ConversionError collected."""
+      try:
+        return read(f"{source} [{what}]")
+      except ConversionError as e:
+        errors.append(str(e))
+        return {}
+
+    def under(prefix: str) -> dict[str, np.ndarray]:
+      return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    head = {k: v for k, v in state_dict.items() if not k.startswith(SWIN_PREFIXES + (BART_PREFIX, BERT_PREFIX))}
+    head_expected = {"params": {k: v for k, v in self.abstract_variables()["params"].items()
+                                if k not in ("image_encoder", "decoder", "text_encoder")}}
+    params = dict(part("image_proj, adapter, fusion, classifier", lambda src: convert.state_dict_to_variables(
+        public_head_state_dict(head, len(self.module.classifier_hidden)), head_expected, src)).get("params", {}))
+    params["image_encoder"] = part(f"{SWIN_PREFIXES[0]}*", lambda src: hf_weights.swin_variables(
+        _public_swin(state_dict, src), SwinModel(self.module.swin, add_pooling_layer=False), src)).get("params")
+    stats = {}
+    if self.module.bart is not None:
+      bart = part(f"{BART_PREFIX}*", lambda src: hf_weights.bart_variables(
+          under(BART_PREFIX), BartForConditionalGeneration(self.module.bart), src))
+      params["decoder"] = bart.get("params")
+      bert = {k: v for k, v in under(BERT_PREFIX).items() if not k.startswith("pooler.")}  # unused (§3.7)
+      params["text_encoder"] = part(f"{BERT_PREFIX}*", lambda src: hf_weights.bert_variables(
+          bert, BertModel(self.module.bert, add_pooling_layer=False), src)).get("params")
+      stats = {"decoder": bart.get("constants")}
+    else:
+      extra = sorted(k for k in state_dict if k.startswith((BART_PREFIX, BERT_PREFIX)))
+      if extra:
+        errors.append(f"{source}: {len(extra)} unexpected (config.model.report_branch is False): "
+                      + ", ".join(extra[:5]) + (", …" if len(extra) > 5 else ""))
+    if errors:
+      raise ConversionError("\n".join(errors))
+    return {"params": params, "batch_stats": stats}
+
+  # --- decoding --------------------------------------------------------------------------------------------
+
+  def generate(self, variables: Any, batch: Mapping[str, jax.Array], *, with_attention: bool = False
+               ) -> dict[str, jax.Array]:
+    """Eval mode (§8): image → beam-search report → text encoder → fusion → class probabilities. ``tokens`` (B, T)
+    are the generated words then 0s (the start token dropped; EOS and pads are 0; ``T − 1`` columns, the decoder
+    length); ``probs`` (B, C); with ``with_attention``, ``report_attention`` (B, T − 1): the fusion's
+    cross-attention (head mean) on each generated word."""
+    enc = self.module.apply(variables, batch["images"], method="encode")
+    b = batch["images"].shape[0]
+    if self.module.bart is None:
+      tokens = jnp.zeros((b, int(self.config.data.max_seq_length)), jnp.int32)
+      scores, steps, ids, mask = jnp.zeros((b,)), jnp.zeros((), jnp.int32), None, None
+    else:
+      decoded = self._beam(variables, enc["memory"], int(self.config.decode.beam_size))
+      ids, mask = self._text(decoded.tokens)
+      tokens = jnp.pad(decoded.tokens[:, 1:], ((0, 0), (0, 1)))
+      scores, steps = decoded.scores, decoded.steps
+    out = self.module.apply(variables, enc["z_img"], ids, mask, method="classify")
+    result = {"tokens": tokens, "scores": scores, "steps": steps,
+              "probs": jax.nn.softmax(out["class_logits"], axis=-1)}
+    if with_attention and "text_attention" in out:  # [CLS] w1..wn [SEP]: word i sits at text position i + 1
+      words = jnp.mean(out["text_attention"][:, :, 0], axis=1)[:, 1:1 + tokens.shape[1]]
+      result["report_attention"] = jnp.pad(words, ((0, 0), (0, tokens.shape[1] - words.shape[1])))
+    return result
