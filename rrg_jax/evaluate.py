@@ -131,9 +131,11 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
   return scores, reports
 
 
-def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]], names: Sequence[str],
+                  single_label: bool = False) -> None:
   """``evaluate_split`` reports as JSON lines: ``id``, ``reference``, ``generated`` and, with probabilities,
-  ``probabilities`` {class name: p} and ``predicted_findings`` (the classes with p ≥ 0.5)."""
+  ``probabilities`` {class name: p} and ``predicted_findings`` (the classes with p ≥ 0.5), or with
+  ``single_label`` (one class per study) ``prediction`` (the most probable class)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w") as f:
@@ -141,7 +143,11 @@ def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]]
       row = dict(r)
       if "probabilities" in r:
         probs = dict(zip(names, r["probabilities"]))
-        row.update(probabilities=probs, predicted_findings=[n for n, p in probs.items() if p >= THRESHOLD])
+        row["probabilities"] = probs
+        if single_label:
+          row["prediction"] = max(probs, key=probs.get)
+        else:
+          row["predicted_findings"] = [n for n, p in probs.items() if p >= THRESHOLD]
       f.write(json.dumps(row) + "\n")
 
 
@@ -173,7 +179,7 @@ def run(argv: Sequence[str]) -> dict[str, float | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text(json.dumps(
         {"split": args.split, "num_reports": len(reports), **evaluators.json_row(scores)}, indent=2, sort_keys=True))
-    write_reports(out_dir / REPORTS_FILE, reports, class_names(config))
+    write_reports(out_dir / REPORTS_FILE, reports, class_names(config), loader.single_label(config))
     print(f"{args.split}: {len(reports)} reports → {out_dir}")
     for k, v in scores.items():
       print(f"  {k:20s} {'undefined' if v is None else f'{v:.4f}'}")

@@ -349,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           row.update({f"{split}_{k}": None if v is None else float(v) for k, v in scores.items()})
           if main:
             evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
-                                   evaluate.class_names(config))
+                                   evaluate.class_names(config), loader.single_label(config))
         progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0, loss_sums={}, loss_steps=0)
         if any(k.startswith("val_") for k in row):
           progress, improved = _select(progress, row, config.train)
