@@ -1,8 +1,9 @@
 """Training curves as a PNG (matplotlib, Agg), drawn from a run's ``metrics.jsonl``.
 
-Left: the logged train loss and its parts (``loss``, ``ce``, ``bce``, ``mse``) against the optimiser step.
+Left: the logged train loss and its parts (every number of the train rows but the learning rates, throughput and
+bookkeeping: CAMANet ``loss, ce, bce, mse``, RadGen ``loss, cls, report``, ...) against the optimiser step.
 Right: the per-epoch evaluation scores (``<split>_BLEU_4``, ``<split>_BLEU_1`` for every evaluated split and the
-selection ``score`` = val BLEU-4 + 0.5 · val BLEU-1) against the epoch.
+selection ``score`` of ``config.train.selection``) against the epoch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # noqa: E402  pylint: disable=g-import-not-at-top
 
-LOSS_KEYS = ("loss", "ce", "bce", "mse")
+NOT_LOSSES = ("kind", "step", "epoch", "examples_per_s")  # and every lr_<group>
 SCORE_KEYS = ("BLEU_4", "BLEU_1")
 
 
@@ -32,7 +33,9 @@ def plot_curves(metrics_path: str | pathlib.Path, out_png: str | pathlib.Path) -
   train = [r for r in rows if r.get("kind") == "train"]
   epochs = [r for r in rows if r.get("kind") == "epoch"]
   fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
-  for key in LOSS_KEYS:
+  keys = sorted({k for r in train for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_LOSSES
+                  and not k.startswith("lr_")}, key=lambda k: (k != "loss", k))
+  for key in keys:
     points = [(r["step"], r[key]) for r in train if key in r]
     if points:
       ax_loss.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)

@@ -17,9 +17,10 @@ import pytest
 from conftest import REPO
 from test_train import _CACHE_EVERY_PROGRAM, _config_file, _restore_state, _steps, _train_cli
 
-STEPS = 147 // 8  # the embedded sample's 147 train records in global batches of 8
-VAL_RECORDS = 13  # two eval batches of 8; the last one has 5 real rows: 4 on process 0, 1 on process 1
-ARGS = ("--config.train.epochs=1", "--config.train.batch_size=8", "--config.train.eval_splits=('val',)",
+BATCH = 16  # global; 8 rows per process, 4 per device (fewer, larger steps: each launch costs more than its steps)
+STEPS = 147 // BATCH  # the embedded sample's 147 train records → 9 steps
+VAL_RECORDS = 13  # one eval batch of 16: 8 real rows on process 0, 5 real + 3 padding rows on process 1
+ARGS = ("--config.train.epochs=1", f"--config.train.batch_size={BATCH}", "--config.train.eval_splits=('val',)",
         f"--config.train.max_eval_examples={VAL_RECORDS}")
 
 
@@ -89,7 +90,8 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
   """Interrupted 2-process training (SIGTERM to one process, then SIGKILL to both) ends bitwise equal to an
   uninterrupted 2-process run, which follows the 1-process × 4-device run to float32 rounding: the same batches
   and the same math, but the cross-process all-reduce (Gloo) sums the 4 device shards in another order than
-  XLA's in-process one, and training amplifies that rounding (loss 1e-7 apart at step 5, 1e-4 at step 15)."""
+  XLA's in-process one, and training amplifies that rounding (at global batch 16 the step-5 loss was 1.9e-5 apart;
+  at batch 8, 1.3e-7 at step 5 and 1e-4 at step 15)."""
   one = tmp_path / "one_process"
   r = _train_cli(tmp_path, one, *ARGS[:2], "--config.train.eval_splits=()")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -103,20 +105,20 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
   assert _steps(ref)[-1] == STEPS
   for a, b in zip(_rows(one, "train"), _rows(ref, "train")):
     assert a["step"] == b["step"]
-    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5 if a["step"] == 5 else 1e-3)
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
 
-  run, args = tmp_path / "interrupted", (*ARGS, "--config.train.checkpoint_every_steps=4")
+  run, args = tmp_path / "interrupted", (*ARGS, "--config.train.checkpoint_every_steps=2")
   # 1. SIGTERM to process 1 only: both agree to stop after the same step, save it together and exit 143.
   cluster = _Cluster(tmp_path, run, "sigterm", *args)
   try:
-    cluster.wait_for_checkpoint(run, 4, timeout=180)
+    cluster.wait_for_checkpoint(run, 2, timeout=180)
     cluster.procs[1].send_signal(signal.SIGTERM)
     assert cluster.wait(timeout=120) == [128 + signal.SIGTERM] * 2, cluster.output(0)[-3000:]
   finally:
     cluster.kill()
   assert "SIGTERM: saved step" in cluster.output(0)
   stopped = _steps(run)[-1]
-  assert 4 <= stopped < STEPS
+  assert 2 <= stopped < STEPS - 1, stopped  # a periodic checkpoint (every 2) is still ahead for the SIGKILL phase
 
   # 2. Resume, then both die hard after the next checkpoint.
   cluster = _Cluster(tmp_path, run, "sigkill", *args)
