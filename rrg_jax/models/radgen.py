@@ -262,7 +262,9 @@ def _class_weights(config: ml_collections.ConfigDict) -> np.ndarray:
 
 @models.register("radgen")
 class RadGenSystem(System):
-  """RadGen on the system contract: a forward that first generates the report it classifies, the loss
+  """RadGen (MICCAI 2024 outline): Swin → BART report; the generated report → BERT → gated fusion → class.
+
+  On the system contract: a forward that first generates the report it classifies, the loss
   ``L_cls + λ·L_report`` (§4), beam-search reports with class probabilities."""
   module_class = RadGen
   forward_fields = ("images", "targets")
