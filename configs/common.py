@@ -44,6 +44,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   # Cross-validation folds (RadGen §2.5, §7; input_pipeline.sampling).
   c.data.fold = -1                      # k >= 0: train = folds != k, val = test = fold k; -1 = the annotation's splits
   c.data.num_folds = 5
+  c.data.inner_val = False              # True: val = fold k + 1 (early stopping), test = fold k, train = the rest
   c.data.fold_seed = 0                  # seed of the stratified fold rule (when the records carry no fold)
   c.data.group_key = ""                 # fold unit: "" = record | "id_prefix" = the id before the first "_" (patient)
   # Training batches (RadGen §2.6).

@@ -158,7 +158,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # --- evaluation and decoding (§3.5, §6) ---------------------------------------------------------------------
   c.eval.evaluators = ("classification", "report_text")
-  c.eval.protocol = "cv"                # §7: the 5 folds in turn (WORKDIR/fold_k), mean ± std in cv_metrics.json
+  c.eval.protocol = "cv"                # §7: the 5 folds in turn (WORKDIR/fold_k), mean ± std in cv_metrics.json;
+                                        # cv_inner_val: select on fold k + 1, report fold k (unbiased)
   c.decode.beam_size = 4
   c.decode.length_penalty = 1.0
   c.decode.no_repeat_ngram_size = 3

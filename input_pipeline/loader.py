@@ -167,7 +167,7 @@ def load_records(config: ml_collections.ConfigDict, split: str) -> list[records.
     pool = [r for name in records.SPLITS for r in annotation_split(name)]
   pool = sampling.assign_folds(pool, num_folds, int(data_option(config, "fold_seed")),
                                data_option(config, "group_key"))
-  return sampling.fold_split(pool, fold, split)
+  return sampling.fold_split(pool, fold, split, num_folds, bool(data_option(config, "inner_val")))
 
 
 def default_tfds_dir() -> pathlib.Path:

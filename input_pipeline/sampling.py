@@ -8,7 +8,8 @@ Public API (``N`` records, ``C`` classes, integer class ids ``y`` in ``0..C-1``)
     weighted_draws(weights, seed, epoch) -> int64 (N,)               one epoch of the weighted sampler (§2.6)
     stratified_folds(labels, num_folds, seed, groups) -> int64 (N,)  the fold of each record          (§2.5)
     assign_folds(records, num_folds, seed, group_key) -> records     given folds kept, else §2.5 folds
-    fold_split(records, fold, split) -> records                      train = folds ≠ k, val = test = fold k
+    fold_split(records, fold, split, ...) -> records                 train = folds ≠ k, val = test = fold k
+                                                                     (inner_val: val = fold k + 1, test = fold k)
 
 Weighted sampler. Epoch ``e`` draws ``N`` indices i.i.d. with replacement, ``P(i) = ω_i / Σ_j ω_j``, from
 ``default_rng([seed, e])`` — the same per-epoch index array the shuffled loader takes from a permutation, so
@@ -124,12 +125,19 @@ def assign_folds(recs: Sequence[records.Record], num_folds: int, seed: int,
   return out
 
 
-def fold_split(recs: Sequence[records.Record], fold: int, split: str) -> list[records.Record]:
+def fold_split(recs: Sequence[records.Record], fold: int, split: str, num_folds: int = 5,
+               inner_val: bool = False) -> list[records.Record]:
   """Cross-validation split of records with folds (spec §7): ``"train"`` = folds ≠ ``fold``, ``"val"`` and
-  ``"test"`` = fold ``fold`` (under ``cv`` / ``single_fold`` the reported fold is the early-stopping fold)."""
+  ``"test"`` = fold ``fold`` (under ``cv`` / ``single_fold`` the reported fold is the early-stopping fold); with
+  ``inner_val`` (``cv_inner_val``) ``"val"`` = fold ``(fold + 1) mod num_folds``, ``"train"`` = the other
+  ``num_folds − 2`` folds and ``"test"`` = fold ``fold``, so the reported fold never selects the model."""
   if split not in records.SPLITS:
     raise records.DataError(f"Unknown split {split!r} with config.data.fold={fold}; choose one of {records.SPLITS}.")
-  out = [r for r in recs if (r.fold != fold) == (split == "train")]
+  held = {"val": (fold + 1) % num_folds if inner_val else fold, "test": fold}
+  if split == "train":
+    out = [r for r in recs if r.fold not in set(held.values())]
+  else:
+    out = [r for r in recs if r.fold == held[split]]
   if not out:
     raise records.DataError(f"Split {split!r} of fold {fold} has no records.")
   return out

@@ -374,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 # --- evaluation protocols -----------------------------------------------------------------------------------
 
-PROTOCOLS = ("single", "cv")
+PROTOCOLS = ("single", "cv", "cv_inner_val")
 CV_METRICS_FILE = "cv_metrics.json"
 
 
@@ -388,7 +388,7 @@ def best_epoch_row(workdir: pathlib.Path, best_epoch: int) -> dict[str, Any]:
 
 
 def cv_summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
-  """Per-fold best-epoch ``val_*`` scores → ``{"folds": [...], "mean": {...}, "std": {...}, "n": {...}}``: mean and
+  """Per-fold best-epoch scores → ``{"folds": [...], "mean": {...}, "std": {...}, "n": {...}}``: mean and
   population standard deviation (ddof 0) of each score over the folds where it is defined (radgen_spec §7)."""
   keys = sorted({k for f in folds for k, v in f["scores"].items() if isinstance(v, (int, float))})
   out: dict[str, Any] = {"folds": folds, "mean": {}, "std": {}, "n": {}}
@@ -406,17 +406,24 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   the other folds, select and report on fold k — radgen_spec §7's ``single_fold`` with k = 4); ``cv`` runs every
   fold k = 0..``data.num_folds``−1 in turn in ``WORKDIR/fold_k/`` (each resumable: the same command continues the
   unfinished fold) and writes the per-fold best-epoch val scores with their mean ± std to
-  ``WORKDIR/cv_metrics.json``. Returns the last fold's progress (not done after a SIGTERM)."""
+  ``WORKDIR/cv_metrics.json``; ``cv_inner_val`` does the same with fold k + 1 as the early-stopping (val) fold and
+  reports fold k's test scores of the best epoch (``data.inner_val``). Returns the last fold's progress (not done
+  after a SIGTERM)."""
   protocol = config.eval.get("protocol", "single")
   if protocol not in PROTOCOLS:
     raise ValueError(f"config.eval.protocol={protocol!r}; choose one of {PROTOCOLS}.")
   workdir = pathlib.Path(workdir).absolute()
   if protocol == "single":
     return train_and_evaluate(config, workdir)
+  inner = protocol == "cv_inner_val"
+  reported = "test_" if inner else "val_"
   folds = []
   for k in range(int(config.data.num_folds)):
     fold_config = config.copy_and_resolve_references()
     fold_config.data.fold = k
+    fold_config.data.inner_val = inner
+    if inner and "test" not in fold_config.train.eval_splits:
+      fold_config.train.eval_splits = tuple(fold_config.train.eval_splits) + ("test",)
     fold_dir = workdir / f"fold_{k}"
     logging.info("Cross-validation fold %d/%d in %s", k + 1, config.data.num_folds, fold_dir)
     progress = train_and_evaluate(fold_config, fold_dir)
@@ -424,7 +431,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
       return progress
     row = best_epoch_row(fold_dir, progress.best_epoch)
     folds.append({"fold": k, "best_epoch": progress.best_epoch,
-                  "scores": {key: v for key, v in row.items() if key.startswith("val_")}})
+                  "scores": {key: v for key, v in row.items() if key.startswith(reported)}})
   if jax.process_index() == 0:
     summary = cv_summary(folds)
     (workdir / CV_METRICS_FILE).write_text(json.dumps({"protocol": protocol, **summary}, indent=1, sort_keys=True))

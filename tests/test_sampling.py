@@ -143,6 +143,9 @@ def test_fold_split():
   train, val, test = (sampling.fold_split(recs, 2, s) for s in ("train", "val", "test"))
   assert [r.id for r in val] == [r.id for r in test] == ["r2", "r7"]
   assert [r.id for r in train] == [f"r{i}" for i in range(12) if i % 5 != 2]
+  inner = {s: [r.id for r in sampling.fold_split(recs, 4, s, 5, inner_val=True)] for s in ("train", "val", "test")}
+  assert inner == {"val": ["r0", "r5", "r10"], "test": ["r4", "r9"],
+                   "train": [f"r{i}" for i in range(12) if i % 5 in (1, 2, 3)]}
   with pytest.raises(DataError, match="Unknown split 'dev'"):
     sampling.fold_split(recs, 2, "dev")
   with pytest.raises(DataError, match="Split 'val' of fold 3 has no records"):

@@ -153,6 +153,29 @@ def test_cv_protocol_runs_every_fold_in_its_workdir_resumes_and_summarises(tmp_p
   assert "train_loss" not in summary["mean"]
 
 
+def test_cv_inner_val_selects_on_the_next_fold_and_reports_the_test_fold(tmp_path, monkeypatch):
+  from configs import radgen  # pylint: disable=g-import-not-at-top
+
+  config = radgen.get_config("radgen")
+  config.eval.protocol = "cv_inner_val"
+  config.data.num_folds = 2
+  seen = []
+
+  def fake_train(fold_config, workdir):
+    seen.append((int(fold_config.data.fold), bool(fold_config.data.inner_val), tuple(fold_config.train.eval_splits)))
+    workdir.mkdir(parents=True, exist_ok=True)
+    row = {"kind": "epoch", "epoch": 1, "val_macro_auc": 0.9, "test_macro_auc": 0.6 + 0.1 * len(seen)}
+    (workdir / train.METRICS_FILE).write_text(json.dumps(row) + "\n")
+    return train.Progress(epoch=int(fold_config.train.epochs), best_epoch=1)
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  train.run_protocol(config, tmp_path)
+  assert seen == [(0, True, ("val", "test")), (1, True, ("val", "test"))]
+  summary = json.loads((tmp_path / train.CV_METRICS_FILE).read_text())
+  assert summary["protocol"] == "cv_inner_val" and list(summary["mean"]) == ["test_macro_auc"]
+  np.testing.assert_allclose(summary["mean"]["test_macro_auc"], 0.75)
+
+
 def test_single_protocol_trains_once_in_the_workdir(tmp_path, monkeypatch):
   from configs import radgen  # pylint: disable=g-import-not-at-top
 
