@@ -71,6 +71,55 @@ def test_parameter_counts_15_1():
   assert sum(count_params("radgen_small", 4321, 4323).values()) == 11_123_407 + 512 * 4321 + 512
 
 
+BERT_POOLER = 768 * 768 + 768  # the public code's BERT builds an (unused) pooler; the port does not
+
+
+def test_baseline_parameter_counts_15_1():
+  """§9.1 baselines at full size: ``swin_b`` 87,269,563; ``densenet121`` 6,956,931; the text baselines as the
+  spec counts them (the code's BERT pooler included): ``report_only`` 108,507,907, ``early_fusion`` 196,104,635,
+  ``late_fusion`` 195,777,470."""
+  counts = {p: sum(count_params(p, 50265, 28996).values()) for p in radgen_configs.BASELINES}
+  assert counts["swin_b"] == 87_269_563 and counts["densenet121"] == 6_956_931
+  assert counts["report_only"] + BERT_POOLER == 108_507_907
+  assert counts["early_fusion"] + BERT_POOLER == 196_104_635
+  assert counts["late_fusion"] + BERT_POOLER == 195_777_470
+
+
+@pytest.mark.parametrize("preset", ["swin_b", "densenet121", "report_only", "early_fusion", "late_fusion"])
+def test_tiny_baselines_train_and_classify_the_ground_truth_report(preset):
+  """Each baseline at ``radgen_tiny`` widths: a train-mode forward and loss (class CE only) and ``generate`` (no
+  report; class probabilities). Text baselines read the ground-truth report: changing a target word changes that
+  study's probabilities, and only its; image-only ones ignore the text."""
+  c = radgen_configs.get_config("radgen_tiny")
+  base = radgen_configs.get_config(preset)
+  c.model.update(arch=base.model.arch, image_backbone=base.model.image_backbone, report_branch=False,
+                 vocab_size=K)
+  c.train.text_source = c.eval.text_source = "ground_truth"
+  if base.model.image_backbone == "densenet121":  # a small DenseNet keeps the test fast; 56² gives a 1×1 map
+    c.data.image_size = c.data.resize = 64
+  system = RadGenSystem(c)
+  variables = system.init(jax.random.key(0))
+  batch = system.random_batch(BATCH, seed=3)
+  out, new = jax.jit(lambda v, b: system.forward(v, b, train=True, rngs={"dropout": jax.random.key(1)},
+                                                 mutable=["batch_stats"]))(variables, batch)
+  loss, parts = system.loss(out, batch)
+  assert set(out) == {"class_logits"} and out["class_logits"].shape == (BATCH, 3) and set(parts) == {"cls"}
+  assert np.isfinite(float(loss))
+  generate = jax.jit(lambda v, b: system.generate(v, b))
+  fields = system.batch_fields(train=False)
+  probs = np.asarray(generate(variables, {k: batch[k] for k in fields})["probs"])
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  changed = dict(batch, targets=batch["targets"].copy())
+  changed["targets"][0, 1] = changed["targets"][0, 1] % (K - 1) + 1  # another word, same length
+  probs2 = np.asarray(generate(variables, {k: changed[k] for k in fields})["probs"])
+  np.testing.assert_array_equal(probs2[1:], probs[1:])
+  assert (np.abs(probs2[0] - probs[0]).max() > 0) == (base.model.arch != "image_only")
+  if base.model.arch != "image_only":
+    c.train.text_source = "generated"
+    with pytest.raises(ValueError, match="text_source='generated' needs the report decoder"):
+      RadGenSystem(c)
+
+
 # --- the tiny model and its torch twin ---------------------------------------------------------------------------
 
 def tiny_system(*, dropout: bool = True, adapter_input: str = "projected") -> RadGenSystem:

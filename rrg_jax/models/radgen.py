@@ -27,6 +27,7 @@ generation and the text encoder) is not built yet: ``data.tokenizer = "hf"`` is 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any, Sequence
@@ -38,10 +39,11 @@ import ml_collections
 import numpy as np
 
 from rrg_jax import convert, decoding, hf_weights, losses, models
-from rrg_jax.alignment.fusion import CrossModalFusion
+from rrg_jax.alignment.fusion import CrossModalFusion, pool_text
 from rrg_jax.layers.bart import BartConfig, BartForConditionalGeneration
 from rrg_jax.layers.bert import BertConfig, BertModel
 from rrg_jax.layers.classifier import ClassifierHead
+from rrg_jax.layers.densenet import DenseNet
 from rrg_jax.layers.linear import Linear, torch_kernel_init
 from rrg_jax.layers.swin import SwinConfig, SwinModel
 from rrg_jax.convert import ConversionError
@@ -50,6 +52,9 @@ from rrg_jax.models.system import Field, System, module_kwargs
 VISUAL_MEMORIES = ("patch", "pooled")
 ADAPTER_INPUTS = ("projected", "swin")
 TOKENIZERS = ("word",)
+ARCHS = ("radgen", "image_only", "text_only", "early_fusion", "late_fusion")  # the last four: §9.1's baselines
+IMAGE_BACKBONES = ("swin", "densenet121")
+TEXT_SOURCES = ("generated", "ground_truth")
 NON_TRAINABLE = "batch_stats"  # the train state's non-trainable collection (BART's final_logits_bias)
 
 
@@ -77,8 +82,11 @@ class RadGen(nn.Module):
   dtype: str = "float32"
 
   @classmethod
-  def from_config(cls, config: Any) -> RadGen:
-    """From ``config.model`` (``report_branch`` False drops BART and BERT)."""
+  def from_config(cls, config: Any) -> nn.Module:
+    """From ``config.model`` (``report_branch`` False drops BART and BERT); ``arch`` other than "radgen" builds
+    the §9.1 baseline (``RadGenBaseline``)."""
+    if config.get("arch", "radgen") != "radgen":
+      return RadGenBaseline.from_config(config)
     kwargs = module_kwargs(cls, config)
     kwargs["swin"] = SwinConfig(**dict(config.swin))
     branch = bool(config.get("report_branch", True))
@@ -167,6 +175,102 @@ class RadGen(nn.Module):
     if self.bart is not None:
       out["report_logits"] = self.report_logits(targets[:, :-1], enc["memory"], deterministic=det)
     return out
+
+
+class RadGenBaseline(nn.Module):
+  """The outline's Table 1 baselines (§9.1), with RadGen's encoders, from ``config.model`` (``arch``):
+
+  * ``image_only``: ``image_backbone = densenet121`` — DenseNet-121 features → ReLU → global average pool (1024)
+    → Linear(→ C); ``swin`` — mean of the Swin tokens → Linear(→ 512) → GELU → Dropout → Linear(→ C);
+  * ``text_only``: the text encoder's pooled states (``text_pool``) → Linear(→ 256) → GELU → Dropout → Linear(→ C);
+  * ``early_fusion``: [Swin mean ; pooled text] → Linear(→ 512) → LN → GELU → Dropout → Linear(→ 256) → GELU →
+    Dropout → Linear(→ C);
+  * ``late_fusion``: the image head and the text head above, their logits averaged.
+  Parameters: ``image_encoder`` (Swin or DenseNet-121), ``text_encoder`` (BERT, no pooler), ``image_head``,
+  ``text_head``, ``fusion_head`` (``layers.classifier.ClassifierHead``). The text is the ground-truth report
+  (``train.text_source = eval.text_source = ground_truth``)."""
+  arch: str
+  swin: SwinConfig | None
+  bert: BertConfig | None
+  num_classes: int = 3
+  image_backbone: str = "swin"
+  text_pool: str = "masked_mean"
+  baseline_image_hidden: int = 512
+  baseline_text_hidden: int = 256
+  baseline_fusion_hidden: Sequence[int] = (512, 256)
+  classifier_dropout: float = 0.3
+  dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config: Any) -> RadGenBaseline:
+    kwargs = module_kwargs(cls, config)
+    uses_image, uses_text = _baseline_branches(config.arch)
+    kwargs["swin"] = SwinConfig(**dict(config.swin)) if uses_image else None
+    kwargs["bert"] = BertConfig(**dict(config.bert)) if uses_text else None
+    return cls(**kwargs)
+
+  def setup(self):
+    if self.arch not in ARCHS[1:] or self.image_backbone not in IMAGE_BACKBONES:
+      raise ValueError(f"config.model.arch={self.arch!r} / image_backbone={self.image_backbone!r}; choose from "
+                       f"{ARCHS} / {IMAGE_BACKBONES}.")
+    if self.image_backbone == "densenet121" and self.arch != "image_only":
+      raise ValueError("config.model.image_backbone='densenet121' is the image-only baseline's (§9.1).")
+    dtype = jnp.dtype(self.dtype)
+    head = functools.partial(ClassifierHead, num_classes=self.num_classes, dropout=self.classifier_dropout,
+                             dtype=dtype)
+    if self.swin is not None:
+      self.image_encoder = (DenseNet(dtype=dtype) if self.image_backbone == "densenet121" else
+                            SwinModel(self.swin, add_pooling_layer=False, dtype=dtype))
+    if self.bert is not None:
+      self.text_encoder = BertModel(self.bert, add_pooling_layer=False, dtype=dtype)
+    if self.arch in ("image_only", "late_fusion"):
+      hidden = () if self.image_backbone == "densenet121" else (self.baseline_image_hidden,)
+      self.image_head = head(hidden, layer_norms=(False,) * len(hidden))
+    if self.arch in ("text_only", "late_fusion"):
+      self.text_head = head((self.baseline_text_hidden,), layer_norms=(False,))
+    if self.arch == "early_fusion":
+      hidden = tuple(self.baseline_fusion_hidden)
+      self.fusion_head = head(hidden, layer_norms=(True,) + (False,) * (len(hidden) - 1))
+
+  def encode(self, images: jax.Array, *, deterministic: bool = True) -> dict[str, jax.Array]:
+    """images (B, 1, S, S, 3) → ``z_img`` (B, C_img): the mean Swin token, or DenseNet-121's pooled features; an
+    empty dict for the text-only baseline."""
+    if self.swin is None:
+      return {}
+    if self.image_backbone == "densenet121":
+      f = self.image_encoder(images[:, 0], not deterministic)
+      return {"z_img": jnp.mean(f.astype(jnp.float32), axis=(1, 2))}
+    f = self.image_encoder(images[:, 0], deterministic=deterministic)["last_hidden_state"]
+    return {"z_img": jnp.mean(f.astype(jnp.float32), axis=1)}
+
+  def classify(self, z_img: jax.Array | None, text_ids: jax.Array | None, text_mask: jax.Array | None, *,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    """→ ``class_logits`` (B, C) float32."""
+    t = None
+    if self.bert is not None:
+      h = self.text_encoder(text_ids, text_mask, deterministic=deterministic)["last_hidden_state"]
+      t = pool_text(h, text_mask, self.text_pool)
+    if self.arch == "image_only":
+      logits = self.image_head(z_img, deterministic=deterministic)
+    elif self.arch == "text_only":
+      logits = self.text_head(t, deterministic=deterministic)
+    elif self.arch == "early_fusion":
+      logits = self.fusion_head(jnp.concatenate([z_img, t], axis=-1), deterministic=deterministic)
+    else:
+      logits = (self.image_head(z_img, deterministic=deterministic)
+                + self.text_head(t, deterministic=deterministic)) / 2
+    return {"class_logits": logits}
+
+  def __call__(self, images: jax.Array, targets: jax.Array, text_ids: jax.Array | None,
+               text_mask: jax.Array | None, *, train: bool = False) -> dict[str, jax.Array]:
+    del targets  # no report branch
+    return self.classify(self.encode(images, deterministic=not train).get("z_img"), text_ids, text_mask,
+                         deterministic=not train)
+
+
+def _baseline_branches(arch: str) -> tuple[bool, bool]:
+  """(image branch, text branch) of a §9.1 baseline."""
+  return arch in ("image_only", "early_fusion", "late_fusion"), arch in ("text_only", "early_fusion", "late_fusion")
 
 
 def text_encoder_ids(tokens: jax.Array, cls_id: int, sep_id: int, length: int) -> tuple[jax.Array, jax.Array]:
@@ -280,13 +384,35 @@ class RadGenSystem(System):
     if not bool(config.train.generation.deterministic):
       raise ValueError("config.train.generation.deterministic=False (the public code's dropout during generation) "
                        "is not implemented yet.")
-    if int(m.vocab_size) > 0 and m.get("report_branch", True):  # word backend: one vocabulary + [CLS], [SEP]
+    if int(m.vocab_size) > 0:  # word backend: one vocabulary + [CLS], [SEP] for the text encoder
       m.bart.vocab_size = int(m.vocab_size)
       m.bert.vocab_size = int(m.vocab_size) + 2
       m.bart.pad_token_id = 0
       m.bert.pad_token_id = 0
     super().__init__(config)
     self.class_weights = _class_weights(config)
+    for where in ("train", "eval"):
+      source = self._text_source(train=where == "train")
+      if source not in TEXT_SOURCES:
+        raise ValueError(f"config.{where}.text_source={source!r}; choose one of {TEXT_SOURCES}.")
+      if self.has_text and source == "generated" and not self.has_decoder:
+        raise ValueError(f"config.{where}.text_source='generated' needs the report decoder; config.model.arch="
+                         f"{m.get('arch', 'radgen')!r} has none (use ground_truth).")
+
+  @property
+  def has_decoder(self) -> bool:
+    """The model generates reports (RadGen with its report branch)."""
+    return getattr(self.module, "bart", None) is not None
+
+  @property
+  def has_text(self) -> bool:
+    """The model reads a report through its text encoder."""
+    return self.module.bert is not None
+
+  def _text_source(self, *, train: bool) -> str:
+    """``generated`` (the model's own report, §3.6) or ``ground_truth`` (the record's report): what the text
+    encoder reads in training (``train.text_source``) or evaluation (``eval.text_source``)."""
+    return (self.config.train if train else self.config.eval).get("text_source", "generated")
 
   # --- data ------------------------------------------------------------------------------------------------
 
@@ -333,12 +459,14 @@ class RadGenSystem(System):
 
   def forward(self, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
               rngs: Mapping[str, jax.Array] | None = None, mutable: Any = False):
-    """Generates each study's report with the current parameters (no gradient, deterministic, §3.6), then the
-    training forward over it (``text_source = generated``)."""
+    """The training forward over the text the text encoder reads (``train.text_source``): each study's report
+    generated with the current parameters (no gradient, deterministic, §3.6), or its ground-truth report (the
+    targets' words)."""
     images = batch["images"]
-    if self.module.bart is None:
-      ids = mask = None
-    else:
+    ids = mask = None
+    if self.has_text and self._text_source(train=True) == "ground_truth":
+      ids, mask = self._text(batch["targets"])
+    elif self.has_text:
       frozen = jax.lax.stop_gradient(variables)
       memory = self.module.apply(frozen, images, method="encode")["memory"]
       ids, mask = self._text(self._beam(frozen, memory, int(self.config.train.generation.num_beams)).tokens)
@@ -394,6 +522,9 @@ class RadGenSystem(System):
     ``final_logits_bias`` → ``batch_stats``; zeros when absent), ``clinical_bert.*`` (pooler ignored) →
     ``text_encoder``, the rest through ``public_head_state_dict``. One ConversionError lists every missing,
     unexpected and mis-shaped key of every part."""
+    if not isinstance(self.module, RadGen):
+      raise ConversionError(f"{source}: only RadGen's own layout converts (config.model.arch="
+                            f"{self.config.model.arch!r} is a §9.1 baseline).")
     errors: list[str] = []
 
     def part(what: str, read) -> dict[str, Any]:
@@ -415,7 +546,7 @@ class RadGenSystem(System):
     params["image_encoder"] = part(f"{SWIN_PREFIXES[0]}*", lambda src: hf_weights.swin_variables(
         _public_swin(state_dict, src), SwinModel(self.module.swin, add_pooling_layer=False), src)).get("params")
     stats = {}
-    if self.module.bart is not None:
+    if self.has_decoder:
       bart = part(f"{BART_PREFIX}*", lambda src: hf_weights.bart_variables(
           under(BART_PREFIX), BartForConditionalGeneration(self.module.bart), src))
       params["decoder"] = bart.get("params")
@@ -442,15 +573,19 @@ class RadGenSystem(System):
     cross-attention (head mean) on each generated word."""
     enc = self.module.apply(variables, batch["images"], method="encode")
     b = batch["images"].shape[0]
-    if self.module.bart is None:
-      tokens = jnp.zeros((b, int(self.config.data.max_seq_length)), jnp.int32)
-      scores, steps, ids, mask = jnp.zeros((b,)), jnp.zeros((), jnp.int32), None, None
-    else:
+    ids = mask = None
+    if self.has_decoder:
       decoded = self._beam(variables, enc["memory"], int(self.config.decode.beam_size))
-      ids, mask = self._text(decoded.tokens)
       tokens = jnp.pad(decoded.tokens[:, 1:], ((0, 0), (0, 1)))
       scores, steps = decoded.scores, decoded.steps
-    out = self.module.apply(variables, enc["z_img"], ids, mask, method="classify")
+      if self.has_text and self._text_source(train=False) == "generated":
+        ids, mask = self._text(decoded.tokens)
+    else:
+      tokens = jnp.zeros((b, int(self.config.data.max_seq_length) - 1), jnp.int32)
+      scores, steps = jnp.zeros((b,)), jnp.zeros((), jnp.int32)
+    if self.has_text and ids is None:  # eval.text_source = ground_truth
+      ids, mask = self._text(batch["targets"])
+    out = self.module.apply(variables, enc.get("z_img"), ids, mask, method="classify")
     result = {"tokens": tokens, "scores": scores, "steps": steps,
               "probs": jax.nn.softmax(out["class_logits"], axis=-1)}
     if with_attention and "text_attention" in out:  # [CLS] w1..wn [SEP]: word i sits at text position i + 1
