@@ -23,7 +23,7 @@ import numpy as np
 from configs import camanet as camanet_config
 
 # Vocabulary sizes K = |vocab| + 1: IU X-Ray (spec §11) and a MIMIC-CXR-sized one (threshold 10).
-VOCAB = {"iu_xray": 761, "mimic_cxr": 4300}
+VOCAB = {"iu_xray": 761, "mimic_cxr": 4300, "radgen": 50265}  # radgen: BART's vocabulary size for the word model
 
 
 # --- machine ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 r"""The accelerator table, JAX only, in one short run (under 8 minutes on one H100/H200; never part of the tests).
 
-    python benchmarks/gpu.py [--steps 5] [--warmup 2] [--only camanet,r2gen,align2gen,decode] [--peak-tflops X]
+    python benchmarks/gpu.py [--steps 5] [--warmup 2] [--only camanet,r2gen,align2gen,radgen,decode] [--peak-tflops X]
     python benchmarks/gpu.py --tiny        # the tests' tiny configs: a smoke test of the script on a CPU
 
 Rows, each the production train step (``train_step.lower_train_step``: the system's loss, clipping, optimiser,
@@ -9,8 +9,9 @@ fields (``System.random_batch``):
 
 * CAMANet ``iu_xray`` batch 32 and ``mimic_cxr`` batch 64, each in float32 and bfloat16 (``model.dtype``), each
   without and with DenseNet rematerialisation (``model.remat``);
-* R2Gen ``iu_xray`` and ``mimic_cxr`` and Align2Gen ``mimic_cxr`` (lesion crops, GAB, LAB) at their presets'
-  batch sizes, float32 and bfloat16;
+* R2Gen ``iu_xray`` and ``mimic_cxr``, Align2Gen ``mimic_cxr`` (lesion crops, GAB, LAB) and RadGen ``radgen``
+  (Swin-B + BART-base + BERT-base, beam-4 generation inside the step, word vocabulary of BART's size) at their
+  presets' batch sizes, float32 and bfloat16;
 * CAMANet beam-3 decoding with the cache (``decoding.encode_and_decode``, encoder included) at the two presets'
   batch sizes, every beam running the full length (EOS logit bias −30): reports/s.
 
@@ -48,14 +49,14 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def cases(tiny: bool, only: set[str]) -> list[dict]:
   """(kind, label, config, batch) of every row."""
-  from configs import align2gen, camanet, r2gen
+  from configs import align2gen, camanet, r2gen, radgen
   import conftest
 
   out = []
 
   def add(kind: str, system: str, preset: str, config, batch: int, dtype: str = "float32", remat: bool = False):
     config.model.dtype, config.model.remat = dtype, remat
-    if "bert" in config.model and config.model.bert.vocab_size < 0:
+    if "text_tokenizer_vocab_size" in config.data and config.model.bert.vocab_size < 0:  # Align2Gen's BERT
       config.model.bert.vocab_size = int(config.data.text_tokenizer_vocab_size)
     label = f"{system} {preset} b{batch} {dtype}" + (" remat" if remat else "")
     out.append(dict(kind=kind, label=label, config=config, batch=batch))
@@ -74,7 +75,7 @@ def cases(tiny: bool, only: set[str]) -> list[dict]:
           add("train", "camanet", preset, full(camanet, preset), b, dtype, remat)
     if "decode" in only:
       add("decode", "camanet", preset, full(camanet, preset), b)
-  for module, presets in ((r2gen, ("iu_xray", "mimic_cxr")), (align2gen, ("mimic_cxr",))):
+  for module, presets in ((r2gen, ("iu_xray", "mimic_cxr")), (align2gen, ("mimic_cxr",)), (radgen, ("radgen",))):
     name = module.__name__.split(".")[-1]
     if name not in only:
       continue
@@ -142,7 +143,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=5, help="timed calls per row")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls per row")
-  parser.add_argument("--only", default="camanet,r2gen,align2gen,decode", help="row groups to run")
+  parser.add_argument("--only", default="camanet,r2gen,align2gen,radgen,decode", help="row groups to run")
   parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak TFLOP/s")
   parser.add_argument("--tiny", action="store_true", help="tests' tiny configs at batch 2 (CPU smoke test)")
   parser.add_argument("--compile-threads", type=int, default=8, help="programs compiled at once")
