@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -397,7 +398,8 @@ def test_cli_run_writes_config_metrics_tensorboard_and_best(tmp_path):
 # --- resume: SIGTERM, then SIGKILL, then completion == one uninterrupted run --------------------------------
 
 # One system here: resume is system-independent (train loop, Orbax, Grain iterator state). CAMANet's is the real
-# 2-process run of tests/test_multiprocess.py; every system's checkpoint restores in the non-finite-loss test below.
+# 2-process run of tests/test_multiprocess.py; every system's train state round-trips through the checkpointer in
+# test_train_state_of_every_system_round_trips_through_the_checkpointer below.
 # (Align2Gen here cost 270 s, CAMANet 114 s, of a suite over its time budget.)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["r2gen"])
@@ -439,10 +441,41 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(tmp_path, name):
     np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_train_state_of_every_system_round_trips_through_the_checkpointer(tmp_path, name):
+  """What a resume reads, for every system: its train state (params, non-trainable state, optimiser moments, step,
+  rng) saved and restored by the train loop's ``TrainCheckpointer`` equals the saved one bitwise, with the Grain
+  iterator at its saved position."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  config = _tiny(name)
+  system = models.get_system(config)
+  tx = optim.make_optimizer(config, steps_per_epoch=10)
+  state = ts.create_train_state(system.init(jax.random.key(0)), tx, jax.random.key(1))
+  key = iter(range(1, 1 << 30))  # every float leaf shifted by its own amount: no zero moments, no equal leaves
+  state = jax.tree.map(lambda x: x + 0.5 * next(key) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  data = iter(grain.MapDataset.range(100).to_iter_dataset())
+  next(data), next(data)
+  ckpt = checkpointing.TrainCheckpointer(tmp_path)
+  try:
+    ckpt.save(7, state, data, {"epoch": 1})
+    ckpt.wait()
+    resumed = iter(grain.MapDataset.range(100).to_iter_dataset())
+    restored = ckpt.restore(7, train._abstract(state), resumed)  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+  assert next(resumed) == 2
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+
+
 # --- divergence -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, name):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, name="camanet"):
+  """One system: the stop is the train loop's (every system's loss goes through it; the three-steps test checks
+  each system's metrics are finite)."""
   config = _tiny(name, checkpoint_every_steps=1, eval_splits=())
   for group in config.optim.param_groups:  # step 1 is finite, its update blows the weights up
     config.optim[f"lr_{group}"] = 1e30
