@@ -8,7 +8,7 @@ overrides existing keys (e.g. the data location, ``decode.cached``, ``train.batc
 ``train.max_eval_examples``, ``eval.evaluators``). ``OUT`` (default: ``DIR/eval_<split>``) receives
 ``metrics.json`` (the scores; undefined ones as null), ``reports.jsonl`` (one row per record: ``id``,
 ``reference``, ``generated`` and, for systems with a classifier, ``probabilities`` {class: p} and
-``predicted_findings`` (p ≥ 0.5)) and the evaluators' pictures (``classification``: ``roc.png``,
+``predicted_findings`` (p ≥ 0.5), or ``prediction`` for a single-label classifier) and the evaluators' pictures (``classification``: ``roc.png``,
 ``confusion.png``).
 
 Scores: those of ``config.eval.evaluators`` (``rrg_jax.evaluators``): ``report_text`` (BLEU_1..4, METEOR,
@@ -131,6 +131,14 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
   return scores, reports
 
 
+def predicted(probs: Mapping[str, float], single_label: bool) -> dict[str, Any]:
+  """What a classifier predicts from {class name: p}: ``{"prediction": the most probable class}`` for a
+  single-label classifier, else ``{"predicted_findings": the classes with p ≥ 0.5}``."""
+  if single_label:
+    return {"prediction": max(probs, key=probs.get)}
+  return {"predicted_findings": [n for n, p in probs.items() if p >= THRESHOLD]}
+
+
 def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]], names: Sequence[str],
                   single_label: bool = False) -> None:
   """``evaluate_split`` reports as JSON lines: ``id``, ``reference``, ``generated`` and, with probabilities,
@@ -143,11 +151,7 @@ def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]]
       row = dict(r)
       if "probabilities" in r:
         probs = dict(zip(names, r["probabilities"]))
-        row["probabilities"] = probs
-        if single_label:
-          row["prediction"] = max(probs, key=probs.get)
-        else:
-          row["predicted_findings"] = [n for n, p in probs.items() if p >= THRESHOLD]
+        row.update(probabilities=probs, **predicted(probs, single_label))
       f.write(json.dumps(row) + "\n")
 
 

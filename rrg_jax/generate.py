@@ -106,7 +106,7 @@ def load_views(paths: Sequence[str], num_views: int):
 
 def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[str, Any]:
   """Parsed CLI arguments (+ ``--config.*`` overrides) → the result object (what ``--json`` prints)."""
-  from input_pipeline import transforms  # pylint: disable=g-import-not-at-top
+  from input_pipeline import loader, transforms  # pylint: disable=g-import-not-at-top
 
   if args.words < 0:
     raise UserError(f"--words must be >= 0, got {args.words}.")
@@ -142,10 +142,7 @@ def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[st
   if "probs" in out:
     probs = {n: float(p) for n, p in zip(evaluate.class_names(system.config), out["probs"][0])}
     result["findings"] = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
-    if d.get("label_mode", "multi") == "single":  # one class per study: the most probable
-      result["prediction"] = max(probs, key=probs.get)
-    else:
-      result["predicted_findings"] = [n for n, p in probs.items() if p >= evaluate.THRESHOLD]
+    result.update(evaluate.predicted(probs, loader.single_label(system.config)))
   return {**result, "heatmap_words": [words[i] for i in positions], "heatmaps": files}
 
 
