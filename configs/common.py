@@ -23,6 +23,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.data.num_views = 1                  # 2 for IU X-Ray
   c.data.clean = "mimic"                # report cleaning rules: "iu" | "mimic"
   c.data.threshold = 3                  # vocabulary min count
+  c.data.report_tokenizer = ""          # HF tokenizer folder (BPE: BART / GPT-2) for the reports; "" = the word
+                                        # vocabulary of the train split (threshold, clean)
   c.data.max_seq_length = 60            # ids incl. BOS, truncated after BOS/EOS; also the decoding length
   c.data.image_size = 224
   c.data.resize = 256                   # train: shorter side -> resize, then random crop image_size

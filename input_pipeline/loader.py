@@ -2,7 +2,8 @@
 
 Public API::
 
-    build_tokenizer(config) -> Tokenizer                    # vocabulary of the train split (spec §2.2)
+    build_tokenizer(config) -> Tokenizer                    # vocabulary of the train split (spec §2.2), or the
+                                                             # subword tokenizer of config.data.report_tokenizer
     check_tokenizer(config, tokenizer, what) -> None         # VocabularyMismatchError if it differs from the data's
     load_records(config, split) -> list[records.Record]     # validated records (folder source)
     raw_source(config, split) -> Sequence[dict]              # raw examples, folder or TFDS (config.data.source)
@@ -19,7 +20,9 @@ Batches (host-local numpy; ``Bl = config.train.batch_size // jax.process_count()
 ``C`` = ``config.model.num_classes``, 0 for systems without a classifier)::
 
     images   float32 (Bl, V, S, S, 3)  ImageNet-normalised, NHWC
-    targets  int32   (Bl, T)           encode(report)[:T] = [0, w1..wn, 0] truncated, zero padded
+    targets  int32   (Bl, T)           encode(report)[:T] = [0, w1..wn, 0] truncated, zero padded; with a subword
+                                       report tokenizer its ids with specials, truncated keeping them (HF
+                                       truncation), padded with its pad id (BART: <s> w.. </s> <pad>..)
     masks    float32 (Bl, T)           1 on the first len(ids) positions
     labels   float32 (Bl, C)           multi-hot; int32 (Bl,) class ids with config.data.label_mode = "single"
     valid    bool    (Bl,)             eval only: False on the padding rows of the last batch
@@ -73,8 +76,10 @@ from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
-from input_pipeline import features, records, sampling, transforms
+from input_pipeline import features, records, sampling, subword, transforms
 from input_pipeline.tokenizer import Tokenizer
+
+ReportTokenizer = Tokenizer | subword.SubwordTokenizer
 
 SOURCES = ("folder", "tfds")
 FORMATS = ("r2gen", "csv")
@@ -232,19 +237,47 @@ def raw_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict[s
   return TfdsSource(builder.as_data_source(split=split))
 
 
-def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-  """The vocabulary of the train split (threshold ``config.data.threshold``, cleaning ``config.data.clean``)."""
+def build_tokenizer(config: ml_collections.ConfigDict) -> ReportTokenizer:
+  """The report tokenizer: the subword tokenizer of ``config.data.report_tokenizer`` (an HF folder, or a saved
+  one, ``input_pipeline.subword``), else the vocabulary of the train split (threshold ``config.data.threshold``,
+  cleaning ``config.data.clean``)."""
   d = config.data
+  if data_option(config, "report_tokenizer"):
+    return subword.load_tokenizer(d.report_tokenizer)
   if _check_source(config) == "folder":
     return Tokenizer.build((r.report for r in load_records(config, "train")), d.threshold, d.clean)
   counts = _tfds_builder(config).info.metadata["word_counts"][d.clean]
   return Tokenizer.from_counts(counts, d.threshold, d.clean)
 
 
-def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Tokenizer, what: str) -> None:
+def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, what: str) -> None:
   """Raises ``VocabularyMismatchError`` unless ``tokenizer`` (e.g. a checkpoint's, described by ``what``) equals
-  the vocabulary of the configured data."""
+  the report tokenizer of the configured data."""
   build_tokenizer(config).check_matches(tokenizer, what)
+
+
+def report_pad_id(tokenizer: ReportTokenizer) -> int:
+  """The id that pads report targets: 0 for the word vocabulary, a subword tokenizer's pad id."""
+  if not isinstance(tokenizer, subword.SubwordTokenizer):
+    return 0
+  if tokenizer.pad_id is None:
+    raise ValueError(f"The report tokenizer {tokenizer.source} has no pad token; report targets need one.")
+  return tokenizer.pad_id
+
+
+def encode_report(tokenizer: ReportTokenizer, report: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(targets int32 (max_len,), masks float32 (max_len,))`` of one report: the word vocabulary's
+  ``[0, w1..wn, 0]`` cut at ``max_len`` and zero padded, or a subword tokenizer's ids with its specials, truncated
+  keeping them and padded with its pad id; masks 1 on the ids."""
+  if isinstance(tokenizer, subword.SubwordTokenizer):
+    ids = tokenizer.encode(report, max_length=max_len)
+  else:
+    ids = tokenizer.encode(report)[:max_len]
+  targets = np.full((max_len,), report_pad_id(tokenizer), np.int32)
+  targets[:len(ids)] = ids
+  masks = np.zeros((max_len,), np.float32)
+  masks[:len(ids)] = 1.0
+  return targets, masks
 
 
 def _drop_last(config: ml_collections.ConfigDict) -> bool:
@@ -277,7 +310,7 @@ class _Prepare:
   id), sample weight when configured, and the configured features (computed from the untransformed first view,
   after the transforms' random draws)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, train: bool):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, train: bool):
     d = config.data
     self.tokenizer = tokenizer
     self.train = train
@@ -315,11 +348,7 @@ class _Prepare:
              for data, name in zip(raw["images"][:self.num_views], raw["image_names"])]
     images = transforms.transform_views(views, rng, train=self.train, augment=self.augment, resize=self.resize,
                                         image_size=self.image_size, hflip=self.hflip)
-    ids = self.tokenizer.encode(raw["report"])[:self.max_len]
-    targets = np.zeros((self.max_len,), np.int32)
-    targets[:len(ids)] = ids
-    masks = np.zeros((self.max_len,), np.float32)
-    masks[:len(ids)] = 1.0
+    targets, masks = encode_report(self.tokenizer, raw["report"], self.max_len)
     example = {"images": images, "targets": targets, "masks": masks, "labels": self._labels(raw), "id": rid}
     if self.sample_weights:
       example["sample_weight"] = np.float32(1.0)
@@ -330,7 +359,8 @@ class _Prepare:
   def padding(self) -> dict[str, Any]:
     s = self.image_size
     example = {"images": np.zeros((self.num_views, s, s, 3), np.float32),
-               "targets": np.zeros((self.max_len,), np.int32), "masks": np.zeros((self.max_len,), np.float32),
+               "targets": np.full((self.max_len,), report_pad_id(self.tokenizer), np.int32),
+               "masks": np.zeros((self.max_len,), np.float32),
                "labels": (np.zeros((), np.int32) if self.single_label else np.zeros((self.num_classes,), np.float32)),
                "id": ""}
     if self.sample_weights:
@@ -466,7 +496,7 @@ def _sampler_weights(config: ml_collections.ConfigDict, source: records.FolderSo
   return sampling.class_sampling_weights([r.label for r in source.records], len(class_map(config)))
 
 
-def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> grain.IterDataset:
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, *, seed: int) -> grain.IterDataset:
   """Endless train batches (epochs repeat, ``steps_per_epoch(config)`` batches each), in a new random order every
   epoch, or in the annotation order every epoch with ``config.data.shuffle = False`` (Align2Gen's loader), or
   the weighted sampler's draws with ``config.data.weighted_sampler`` (RadGen)."""
@@ -498,7 +528,7 @@ class _EvalExample:
     return {**self.prepare(self.source[p], None), "valid": True}
 
 
-def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str) -> Iterator[dict[str, Any]]:
+def eval_batches(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, split: str) -> Iterator[dict[str, Any]]:
   """One in-order pass over ``split`` (the first ``config.train.max_eval_examples`` records when >= 0); the
   last batch is padded to full size with ``valid=False`` rows so every record is scored exactly once."""
   source = raw_source(config, split)

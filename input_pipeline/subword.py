@@ -241,6 +241,11 @@ class SubwordTokenizer:
     most that many ids *keeping* the specials (HF ``truncation=True, max_length=...``)."""
     return list(self._encoding(text, max_length).ids)
 
+  def encode_offsets(self, text: str, *, max_length: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """``encode`` plus each id's character span ``(start, end)`` in ``text`` (``(0, 0)`` for special tokens)."""
+    enc = self._encoding(text, max_length)
+    return list(enc.ids), [tuple(o) for o in enc.offsets]
+
   def encode_batch(self, texts: Iterable[str], *, max_length: int | None = None) -> list[list[int]]:
     """``encode`` of each text (one parallel ``tokenizers`` call)."""
     texts = list(texts)

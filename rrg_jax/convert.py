@@ -5,6 +5,11 @@ CLI (an official checkpoint of any registered system → inference checkpoint)::
   python -m rrg_jax.convert --torch model_best.pth --config configs/camanet.py:iu_xray \
       --out checkpoints/camanet_iu [--annotation data/iu_xray/annotation.json]
   python -m rrg_jax.convert --torch model_best.pth --config configs/r2gen.py:iu_xray --out checkpoints/r2gen_iu
+  python -m rrg_jax.convert --torch best_radgen_fold4.pth --config configs/radgen.py:radgen_code \
+      --out checkpoints/radgen_code --config.data.report_tokenizer=BART_DIR --config.data.text_tokenizer=BERT_DIR
+
+``--config.KEY=VALUE`` overrides the config (as in train). The vocabulary: a subword tokenizer's
+(``data.report_tokenizer``), else rebuilt from the annotation's train split (the R2Gen-family systems).
 
 The system (``config.model.name``) says which key holds the vocabulary and how its original keys are renamed onto
 the naming rule below (``System.torch_vocab_key`` / ``torch_key_renames``).
@@ -16,9 +21,9 @@ torchvision ``densenet121`` file (``densenet121-a639ec97.pth``, old ``norm.1`` o
 
 Naming rule (Flax names mirror the torch keys): split the key on '.', merge every numeric component onto the one
 before it with '_', join with '/'; the leaf ``weight`` becomes ``kernel`` (Linear: transposed; Conv: OIHW→HWIO),
-``scale`` (BatchNorm) or ``embedding`` (Embedding) according to the expected tree (Conv1d: OIK→KIO); ``running_mean``/
-``running_var`` go to ``batch_stats`` as ``mean``/``var``. The PE buffer, ``num_batches_tracked`` and the
-``fore_back_learn.norm`` alias of ``fore_norm`` have no Flax counterpart.
+``scale`` (BatchNorm) or ``embedding`` (Embedding) according to the expected tree (Conv1d: OIK→KIO, Conv3d:
+OIDHW→DHWIO); ``running_mean``/``running_var`` go to ``batch_stats`` as ``mean``/``var``. The PE buffer,
+``num_batches_tracked`` and the ``fore_back_learn.norm`` alias of ``fore_norm`` have no Flax counterpart.
 """
 
 from __future__ import annotations
@@ -136,6 +141,8 @@ def _target(mods: tuple[str, ...], leaf: str, expected: Mapping[tuple[str, ...],
 
 
 def _transform(x: np.ndarray, kind: str | None) -> np.ndarray:
+  if kind == "kernel" and x.ndim == 5:
+    return x.transpose(2, 3, 4, 1, 0)  # Conv3d OIDHW → DHWIO
   if kind == "kernel" and x.ndim == 4:
     return x.transpose(2, 3, 1, 0)  # OIHW → HWIO
   if kind == "kernel" and x.ndim == 3:
@@ -313,15 +320,20 @@ def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
   system_class = models.system_class(config.model.name)
   vocab_size = system_class.torch_vocab_size(state_dict, str(torch_path))
   system_class.complete_config_from_torch(config, state_dict, str(torch_path))
-  if annotation is None:
-    annotation = pathlib.Path(config.data.data_dir) / config.data.annotation
-  if not pathlib.Path(annotation).is_file():
-    raise ConversionError(f"Annotation {annotation} not found: the vocabulary is rebuilt from its train split; "
-                          "pass --annotation PATH.")
-  tokenizer = build_tokenizer(annotation, config)
+  if config.data.get("report_tokenizer"):  # a subword tokenizer from local files (e.g. RadGen's BART BPE)
+    from input_pipeline import subword  # pylint: disable=g-import-not-at-top
+
+    tokenizer, where = subword.load_tokenizer(config.data.report_tokenizer), config.data.report_tokenizer
+  else:
+    if annotation is None:
+      annotation = pathlib.Path(config.data.data_dir) / config.data.annotation
+    if not pathlib.Path(annotation).is_file():
+      raise ConversionError(f"Annotation {annotation} not found: the vocabulary is rebuilt from its train split; "
+                            "pass --annotation PATH (or --config.data.report_tokenizer=DIR for a subword one).")
+    tokenizer = build_tokenizer(annotation, config)
+    where = f"the vocabulary built from {annotation} (threshold {config.data.threshold})"
   if tokenizer.vocab_size != vocab_size:
-    raise ConversionError(f"{torch_path} has {vocab_size} output classes but the vocabulary built from "
-                          f"{annotation} (threshold {config.data.threshold}) has {tokenizer.vocab_size}.")
+    raise ConversionError(f"{torch_path} has {vocab_size} output classes but {where} has {tokenizer.vocab_size}.")
   config.model.vocab_size = vocab_size
   variables = models.get_system(config).torch_to_variables(state_dict, str(torch_path))
   return checkpointing.save_inference(out, config, variables, tokenizer)
@@ -335,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--annotation", default=None,
                       help="annotation.json whose train split defines the vocabulary "
                            "(default: config data_dir/annotation)")
-  args = parser.parse_args(argv)
   from rrg_jax import cli  # pylint: disable=g-import-not-at-top
 
-  return cli.run_main(lambda: print(f"wrote {convert(args.torch, load_config(args.config), args.out, args.annotation)}"))
+  overrides, rest = cli.split_config_overrides(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(rest)
+
+  def run():
+    config = cli.apply_overrides(load_config(args.config), overrides)
+    print(f"wrote {convert(args.torch, config, args.out, args.annotation)}")
+
+  return cli.run_main(run)
 
 
 if __name__ == "__main__":

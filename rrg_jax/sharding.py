@@ -160,3 +160,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     raise ValueError(
         f"config.train.batch_size={global_batch_size} must be divisible by the {n} devices of the mesh "
         f"and the {jax.process_count()} processes.")
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array split over its leading axis (``batch_sharding``), in row order, as
+  numpy: the rows ``input_pipeline.loader.to_global_batch`` took from this process (each row once, whatever the
+  replication of its shard)."""
+  shards = {s.index[0].indices(x.shape[0])[:2]: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

@@ -188,14 +188,14 @@ class _SigtermFlag:
 # --- set-up -------------------------------------------------------------------------------------------------
 
 def _load_or_build_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """A resumed run reuses ``WORKDIR/vocab.json`` (after checking it against the data's vocabulary); a fresh one
-  builds the vocabulary from the train split and saves it."""
-  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
-  from input_pipeline.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  """A resumed run reuses ``WORKDIR/vocab.json`` (after checking it against the data's report tokenizer); a fresh
+  one builds it (``loader.build_tokenizer``: the train split's vocabulary or ``data.report_tokenizer``) and saves
+  it."""
+  from input_pipeline import loader, subword  # pylint: disable=g-import-not-at-top
 
   vocab = workdir / checkpointing.VOCAB_FILE
   if vocab.is_file():
-    tokenizer = Tokenizer.load(vocab)
+    tokenizer = subword.load_tokenizer(vocab)  # a word vocabulary or a subword tokenizer's descriptor
     loader.check_tokenizer(config, tokenizer, f"the vocabulary {vocab} of the run being resumed")
     return tokenizer
   tokenizer = loader.build_tokenizer(config)
@@ -303,7 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar = tqdm.tqdm(total=steps_per_epoch, initial=progress.batches_done, disable=not main,
                         desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
         while progress.batches_done < steps_per_epoch:
-          state, m = train_step(state, loader.to_global_batch(system.device_batch(next(data_iter)), mesh))
+          batch = loader.to_global_batch(system.device_batch(next(data_iter)), mesh)
+          if system.round_trip_fields:  # e.g. the report generated with the current parameters, re-tokenised
+            batch.update(loader.to_global_batch(
+                system.round_trip(state.variables(), batch, ts.round_trip_key(state)), mesh))
+          state, m = train_step(state, batch)
           m = jax.device_get(m)
           step = int(state.step)
           if not bool(m.pop("finite")):

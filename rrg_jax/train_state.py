@@ -67,6 +67,11 @@ def training_loss(system: System, params, batch_stats, batch: Mapping[str, jax.A
   return loss, (parts, new_vars.get("batch_stats", batch_stats))
 
 
+def round_trip_key(state: TrainState) -> jax.Array:
+  """The random key of ``System.round_trip`` at this step (a stream apart from the train step's dropout)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
+
+
 def make_train_step(system: System, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """``train_step(state, batch) -> (new_state, metrics)`` (not jitted; see ``jit_train_step``).

@@ -247,9 +247,10 @@ class BartDecoderLayer(_FeedForward):
     cross_k, cross_v = self.encoder_attn.kv(enc)
     return {"k": zeros, "v": zeros, "cross_k": cross_k.astype(self.dtype), "cross_v": cross_v.astype(self.dtype)}
 
-  def step(self, y: jax.Array, cache: DecodeCache, index: jax.Array, cross_bias: jax.Array | None
-           ) -> tuple[jax.Array, DecodeCache]:
-    """y (B, 1, D) of the token at position ``index`` (B,) → (B, 1, D), cache with its K/V written there."""
+  def step(self, y: jax.Array, cache: DecodeCache, index: jax.Array, cross_bias: jax.Array | None,
+           deterministic: bool = True) -> tuple[jax.Array, DecodeCache]:
+    """y (B, 1, D) of the token at position ``index`` (B,) → (B, 1, D), cache with its K/V written there
+    (``deterministic`` False: the dropouts of the teacher-forced layer, 'dropout' rng)."""
     k_new, v_new = self.self_attn.kv(y)
     slots = jnp.arange(cache["k"].shape[2])
     write = (slots[None, :] == index[:, None])[:, None, :, None]
@@ -257,9 +258,9 @@ class BartDecoderLayer(_FeedForward):
     v = jnp.where(write, v_new.astype(cache["v"].dtype), cache["v"])
     visible = (slots[None, :] <= index[:, None])[:, None, None, :]
     bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    h = self.self_attn.attend(y, k, v, bias, deterministic=True)
-    y = self.self_attn_layer_norm(y + h)
-    y = self._cross_and_ffn(y, cache["cross_k"], cache["cross_v"], cross_bias, True)
+    h = self.self_attn.attend(y, k, v, bias, deterministic=deterministic)
+    y = self.self_attn_layer_norm(y + self.dropout(h, deterministic=deterministic))
+    y = self._cross_and_ffn(y, cache["cross_k"], cache["cross_v"], cross_bias, deterministic)
     return y, {**cache, "k": k, "v": v}
 
 
@@ -319,12 +320,12 @@ class BartDecoder(nn.Module):
     return [layer.init_cache(enc, max_len) for layer in self.layers]
 
   def step(self, token_embeds: jax.Array, layers: list[DecodeCache], index: jax.Array,
-           encoder_attention_mask: jax.Array) -> tuple[jax.Array, list[DecodeCache]]:
-    y = self.embed(token_embeds, index[:, None], deterministic=True)
+           encoder_attention_mask: jax.Array, deterministic: bool = True) -> tuple[jax.Array, list[DecodeCache]]:
+    y = self.embed(token_embeds, index[:, None], deterministic=deterministic)
     cross_bias = padding_bias(encoder_attention_mask)
     out = []
     for layer, layer_cache in zip(self.layers, layers):
-      y, layer_cache = layer.step(y, layer_cache, index, cross_bias)
+      y, layer_cache = layer.step(y, layer_cache, index, cross_bias, deterministic)
       out.append(layer_cache)
     return y, out
 
@@ -434,8 +435,12 @@ class BartForConditionalGeneration(nn.Module):
     return {"index": jnp.zeros((b,), jnp.int32), "encoder_mask": mask,
             "layers": self.decoder.init_cache(encoder_hidden_states, max_len)}
 
-  def decode_step(self, cache: DecodeCache, token: jax.Array) -> tuple[jax.Array, DecodeCache]:
-    """token (B,) int at position ``cache['index']`` (eval) → (logits (B, V) float32, advanced cache)."""
+  def decode_step(self, cache: DecodeCache, token: jax.Array, *, deterministic: bool = True
+                  ) -> tuple[jax.Array, DecodeCache]:
+    """token (B,) int at position ``cache['index']`` → (logits (B, V) float32, advanced cache); eval mode, or with
+    ``deterministic`` False the decoder's dropouts ('dropout' rng; HF ``generate`` on a model left in train
+    mode)."""
     index = cache["index"]
-    y, layers = self.decoder.step(self.embed_tokens(token[:, None]), cache["layers"], index, cache["encoder_mask"])
+    y, layers = self.decoder.step(self.embed_tokens(token[:, None]), cache["layers"], index, cache["encoder_mask"],
+                                  deterministic)
     return self.head(y)[:, 0], {"index": index + 1, "encoder_mask": cache["encoder_mask"], "layers": layers}

@@ -18,27 +18,38 @@ Forward (§3.11), with ``F`` the Swin tokens (B, N, C_swin), ``P = F W_p + b_p``
   classifier (§3.9) → class logits (B, C).
 ``report_branch = False`` (``wo_report_generation``, §9.2): no decoder and no text branch, ``z = z_img``.
 
-Tokens (word backend, §2.3 [decision]): the project's word tokenizer (id 0 = BOS = EOS = PAD, words 1..K−1) for the
-decoder; the text encoder's vocabulary appends ``[CLS] = K`` and ``[SEP] = K + 1`` (pad 0). Targets
-``[0, w1..wn, 0]`` (``data.max_seq_length`` = 1 + the decoder length): the decoder reads ``targets[:, :-1]`` and
-predicts ``targets[:, 1:]``. The HF backend (BART BPE + ClinicalBERT WordPiece, a host re-tokenisation between
-generation and the text encoder) is not built yet: ``data.tokenizer = "hf"`` is refused with a message.
+Tokens, two backends (§2.3):
+
+* word (``data.report_tokenizer = ""``, [decision]): the project's word tokenizer (id 0 = BOS = EOS = PAD, words
+  1..K−1) for the decoder; the text encoder's vocabulary appends ``[CLS] = K`` and ``[SEP] = K + 1`` (pad 0).
+  Targets ``[0, w1..wn, 0]`` (``data.max_seq_length`` = 1 + the decoder length): the decoder reads
+  ``targets[:, :-1]`` and predicts ``targets[:, 1:]``; the generated words become text-encoder ids on device, so
+  the train step is one program.
+* hf (``data.report_tokenizer`` = a BART BPE folder, ``data.text_tokenizer`` = a BERT WordPiece folder): targets
+  ``<s> w.. </s>`` truncated keeping the specials, padded with ``<pad>`` (``data.max_seq_length`` = 64 = the
+  decoder length); the decoder reads ``shift_right(targets)`` (start ``</s>``) and predicts ``targets``. The text
+  the text encoder reads is made on the host between two compiled programs (``round_trip``: generate → BART decode
+  → BERT ``[CLS] … [SEP]`` padded to ``data.text_max_tokens``), exact because the ids carry no gradient; in
+  evaluation ``generate`` does the same. ``train.generation.retokenize = wrong_vocab`` (``radgen_code``) decodes the
+  BART ids with the BERT tokenizer as the public code does (§3.6).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rrg_jax import convert, decoding, hf_weights, losses, models
+from rrg_jax import convert, decoding, hf_weights, losses, models, sharding
 from rrg_jax.alignment.fusion import CrossModalFusion, pool_text
 from rrg_jax.layers.bart import BartConfig, BartForConditionalGeneration
 from rrg_jax.layers.bert import BertConfig, BertModel
@@ -51,7 +62,7 @@ from rrg_jax.models.system import Field, System, module_kwargs
 
 VISUAL_MEMORIES = ("patch", "pooled")
 ADAPTER_INPUTS = ("projected", "swin")
-TOKENIZERS = ("word",)
+RETOKENIZE = ("text", "wrong_vocab")  # §3.6: how generated ids become text-encoder ids (hf backend)
 ARCHS = ("radgen", "image_only", "text_only", "early_fusion", "late_fusion")  # the last four: §9.1's baselines
 IMAGE_BACKBONES = ("swin", "densenet121")
 TEXT_SOURCES = ("generated", "ground_truth")
@@ -145,8 +156,8 @@ class RadGen(nn.Module):
   def init_cache(self, memory: jax.Array, max_len: int):
     return self.decoder.init_cache(memory, None, max_len)
 
-  def decode_step(self, cache, token: jax.Array):
-    return self.decoder.decode_step(cache, token)
+  def decode_step(self, cache, token: jax.Array, deterministic: bool = True):
+    return self.decoder.decode_step(cache, token, deterministic=deterministic)
 
   # --- text → fusion → class -----------------------------------------------------------------------------------
 
@@ -164,16 +175,16 @@ class RadGen(nn.Module):
     out["class_logits"] = self.classifier(z, deterministic=deterministic).astype(jnp.float32)
     return out
 
-  def __call__(self, images: jax.Array, targets: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *,
+  def __call__(self, images: jax.Array, decoder_inputs: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *,
                train: bool = False) -> dict[str, jax.Array]:
-    """Training forward (§3.11): images (B, 1, S, S, 3), targets (B, T) (the decoder reads ``targets[:, :-1]``),
-    the generated report's text ids / mask (B, T_t) → ``class_logits`` (B, C), ``report_logits`` (B, T − 1, V)
-    (absent without the report branch), ``text_attention``."""
+    """Training forward (§3.11): images (B, 1, S, S, 3), the decoder's teacher-forced inputs (B, T'), the
+    generated report's text ids / mask (B, T_t) → ``class_logits`` (B, C), ``report_logits`` (B, T', V) (absent
+    without the report branch), ``text_attention``."""
     det = not train
     enc = self.encode(images, deterministic=det)
     out = self.classify(enc["z_img"], text_ids, text_mask, deterministic=det)
     if self.bart is not None:
-      out["report_logits"] = self.report_logits(targets[:, :-1], enc["memory"], deterministic=det)
+      out["report_logits"] = self.report_logits(decoder_inputs, enc["memory"], deterministic=det)
     return out
 
 
@@ -261,9 +272,9 @@ class RadGenBaseline(nn.Module):
                 + self.text_head(t, deterministic=deterministic)) / 2
     return {"class_logits": logits}
 
-  def __call__(self, images: jax.Array, targets: jax.Array, text_ids: jax.Array | None,
+  def __call__(self, images: jax.Array, decoder_inputs: jax.Array, text_ids: jax.Array | None,
                text_mask: jax.Array | None, *, train: bool = False) -> dict[str, jax.Array]:
-    del targets  # no report branch
+    del decoder_inputs  # no report branch
     return self.classify(self.encode(images, deterministic=not train).get("z_img"), text_ids, text_mask,
                          deterministic=not train)
 
@@ -283,6 +294,60 @@ def text_encoder_ids(tokens: jax.Array, cls_id: int, sep_id: int, length: int) -
   word = jnp.take_along_axis(words, jnp.clip(j - 1, 0, words.shape[1] - 1).repeat(words.shape[0], 0), axis=1)
   ids = jnp.where(j == 0, cls_id, jnp.where(j <= n, word, jnp.where(j == n + 1, sep_id, 0)))
   return ids.astype(jnp.int32), (j <= n + 1).astype(jnp.int32)
+
+
+class ReportTokens(NamedTuple):
+  """The decoder's special ids: ``start`` (the decoder-start token), ``eos``, ``pad`` and ``forced_bos`` (the
+  token forced at the first generated position, None for none)."""
+  start: int
+  eos: int
+  pad: int
+  forced_bos: int | None
+
+
+WORD_TOKENS = ReportTokens(start=0, eos=0, pad=0, forced_bos=None)
+
+
+def hf_report_tokens(tokenizer: Any) -> ReportTokens:
+  """BART's (§2.3, §3.5): start = ``</s>`` (decoder_start_token_id 2), eos ``</s>``, pad ``<pad>``, forced BOS
+  ``<s>``."""
+  missing = [r for r in ("bos_id", "eos_id", "pad_id") if getattr(tokenizer, r) is None]
+  if missing:
+    raise ValueError(f"config.data.report_tokenizer {tokenizer.source}: no {', '.join(missing)} (RadGen's decoder "
+                     "needs BART's <s>, </s> and <pad>).")
+  return ReportTokens(start=tokenizer.eos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id,
+                      forced_bos=tokenizer.bos_id)
+
+
+def shift_right(labels: jax.Array, start: int) -> jax.Array:
+  """HF BART ``shift_tokens_right``: labels (B, T) → decoder inputs ``[start, labels[:, :-1]]`` (B, T)."""
+  return jnp.concatenate([jnp.full_like(labels[:, :1], start), labels[:, :-1]], axis=1)
+
+
+def word_spans(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+  """For each token's character span in ``text``, the index of the whitespace-separated word it falls in (−1 for
+  special tokens, span (0, 0)): (n,) int32 — maps the text encoder's tokens onto ``text.split()``."""
+  starts = [m.start() for m in re.finditer(r"\S+", text)]
+  index = np.full((len(offsets),), -1, np.int32)
+  for i, (a, b) in enumerate(offsets):
+    if b > a:
+      index[i] = int(np.searchsorted(starts, a, side="right")) - 1
+  return index
+
+
+def _leaf_pairs(a: Any, b: Any) -> list[tuple[tuple, Any, Any]]:
+  """(path, leaf of a, leaf of b) for the paths both trees have."""
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  return [(tuple(getattr(k, "key", k) for k in path), leaf, flat_b[path])
+          for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0] if path in flat_b]
+
+
+def _place_rows(rows: np.ndarray, like: jax.Array) -> jax.Array:
+  """This process's rows → an array laid out like ``like`` (a global batch array, or a local one)."""
+  if isinstance(like.sharding, NamedSharding):
+    return jax.make_array_from_process_local_data(NamedSharding(like.sharding.mesh, P(*like.sharding.spec[:1])),
+                                                  rows)
+  return jnp.asarray(rows)
 
 
 # --- the public code's checkpoint (§10.4) ------------------------------------------------------------------------
@@ -346,6 +411,42 @@ def _public_swin(state_dict: Mapping[str, np.ndarray], source: str) -> dict[str,
   return first or second
 
 
+# model.pretrained part → (its config.model key, its config class)
+PRETRAINED = {"image_encoder": ("swin", SwinConfig), "decoder": ("bart", BartConfig),
+              "text_encoder": ("bert", BertConfig)}
+
+
+def _widths_from_pretrained(m: ml_collections.ConfigDict) -> None:
+  """``model.{swin, bart, bert}`` from the ``config.json`` of each given ``model.pretrained`` folder (§10), so the
+  modules are built as the weights were (vocabulary sizes and pad ids are the tokenizers', set afterwards)."""
+  from rrg_jax import hf_weights  # pylint: disable=g-import-not-at-top
+
+  for part, folder in m.get("pretrained", {}).items():
+    if folder:
+      key, cls = PRETRAINED[part]
+      hf = dataclasses.asdict(cls.from_hf_config(hf_weights.read_config(folder)))
+      m[key] = ml_collections.ConfigDict({k: hf[k] for k in m[key]})
+
+
+def _hf_tokenizers(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """The hf backend's tokenizers (§2.3): the decoder's BART BPE (``data.report_tokenizer``) and the text encoder's
+  BERT WordPiece (``data.text_tokenizer``), from local files."""
+  from input_pipeline import subword  # pylint: disable=g-import-not-at-top
+
+  report = subword.load_tokenizer(config.data.report_tokenizer)
+  if not isinstance(report, subword.SubwordTokenizer) or report.family != "bart":
+    raise ValueError(f"config.data.report_tokenizer={config.data.report_tokenizer!r} is not a BART BPE tokenizer "
+                     "(RadGen's decoder is BART).")
+  if not config.data.get("text_tokenizer"):
+    raise ValueError("config.data.report_tokenizer is set (hf backend): config.data.text_tokenizer must name the "
+                     "text encoder's BERT WordPiece tokenizer folder (e.g. Bio_ClinicalBERT's vocab.txt).")
+  text = subword.SubwordTokenizer.load(config.data.text_tokenizer)
+  if text.family != "bert" or None in (text.cls_id, text.sep_id, text.pad_id):
+    raise ValueError(f"config.data.text_tokenizer={config.data.text_tokenizer!r}: not a BERT WordPiece tokenizer "
+                     "with [CLS], [SEP] and [PAD].")
+  return report, text
+
+
 def _class_weights(config: ml_collections.ConfigDict) -> np.ndarray:
   """``model.class_weights``: C numbers, or "auto" = max_k n_k / n_c over the train split's class counts (§4)."""
   w = config.model.class_weights
@@ -377,18 +478,27 @@ class RadGenSystem(System):
 
   def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
-    tokenizer = config.data.get("tokenizer", "word")
-    if tokenizer not in TOKENIZERS:
-      raise ValueError(f"config.data.tokenizer={tokenizer!r}: only the word backend ({TOKENIZERS}) is built; the "
-                       "HF backend (BART BPE + ClinicalBERT WordPiece) is not implemented yet.")
-    if not bool(config.train.generation.deterministic):
-      raise ValueError("config.train.generation.deterministic=False (the public code's dropout during generation) "
-                       "is not implemented yet.")
-    if int(m.vocab_size) > 0:  # word backend: one vocabulary + [CLS], [SEP] for the text encoder
-      m.bart.vocab_size = int(m.vocab_size)
-      m.bert.vocab_size = int(m.vocab_size) + 2
-      m.bart.pad_token_id = 0
-      m.bert.pad_token_id = 0
+    _widths_from_pretrained(m)
+    self.backend = "hf" if config.data.get("report_tokenizer") else "word"
+    gen = config.train.generation
+    self.retokenize = gen.get("retokenize", "text")
+    if self.retokenize not in RETOKENIZE:
+      raise ValueError(f"config.train.generation.retokenize={self.retokenize!r}; choose one of {RETOKENIZE}.")
+    if self.retokenize == "wrong_vocab" and self.backend == "word":
+      raise ValueError("config.train.generation.retokenize='wrong_vocab' (BART ids read as BERT ids, §3.6) needs the "
+                       "hf backend: set config.data.report_tokenizer and config.data.text_tokenizer.")
+    if self.backend == "hf":
+      self.report_tokenizer, self.text_tokenizer = _hf_tokenizers(config)
+      self.tokens = hf_report_tokens(self.report_tokenizer)
+      m.bart.vocab_size, m.bart.pad_token_id = self.report_tokenizer.vocab_size, self.tokens.pad
+      m.bert.vocab_size, m.bert.pad_token_id = self.text_tokenizer.vocab_size, self.text_tokenizer.pad_id
+    else:
+      self.tokens = WORD_TOKENS
+      if int(m.vocab_size) > 0:  # one vocabulary + [CLS], [SEP] for the text encoder
+        m.bart.vocab_size = int(m.vocab_size)
+        m.bert.vocab_size = int(m.vocab_size) + 2
+        m.bart.pad_token_id = 0
+        m.bert.pad_token_id = 0
     super().__init__(config)
     self.class_weights = _class_weights(config)
     for where in ("train", "eval"):
@@ -398,6 +508,7 @@ class RadGenSystem(System):
       if self.has_text and source == "generated" and not self.has_decoder:
         raise ValueError(f"config.{where}.text_source='generated' needs the report decoder; config.model.arch="
                          f"{m.get('arch', 'radgen')!r} has none (use ground_truth).")
+    self._generate_tokens = jax.jit(self._beam_tokens, static_argnames=("num_beams", "deterministic"))
 
   @property
   def has_decoder(self) -> bool:
@@ -414,16 +525,63 @@ class RadGenSystem(System):
     encoder reads in training (``train.text_source``) or evaluation (``eval.text_source``)."""
     return (self.config.train if train else self.config.eval).get("text_source", "generated")
 
+  @property
+  def decoder_length(self) -> int:
+    """T': the decoder's positions (word: ``data.max_seq_length`` − 1, the targets carrying the start token; hf:
+    ``data.max_seq_length``, the start token prepended by ``shift_right``)."""
+    t = int(self.config.data.max_seq_length)
+    return t if self.backend == "hf" else t - 1
+
   # --- data ------------------------------------------------------------------------------------------------
 
   def batch_fields(self, train: bool = True) -> dict[str, Field]:
     """images (1, S, S, 3), targets / masks (T,), labels () int32 (the class id), sample_weight () (0 on padding
-    rows)."""
+    rows); hf backend with a text branch, training: text_ids / text_mask (T_t,) int32 (``round_trip``)."""
     d = self.config.data
     s, t = int(d.image_size), int(d.max_seq_length)
-    return {"images": Field((1, s, s, 3), jnp.float32), "targets": Field((t,), jnp.int32),
-            "masks": Field((t,), jnp.float32), "labels": Field((), jnp.int32),
-            "sample_weight": Field((), jnp.float32)}
+    fields = {"images": Field((1, s, s, 3), jnp.float32), "targets": Field((t,), jnp.int32),
+              "masks": Field((t,), jnp.float32), "labels": Field((), jnp.int32),
+              "sample_weight": Field((), jnp.float32)}
+    if train and self.round_trip_fields:
+      fields.update({k: Field((self.text_length,), jnp.int32) for k in self.round_trip_fields})
+    return fields
+
+  @property
+  def round_trip_fields(self) -> tuple[str, ...]:
+    return ("text_ids", "text_mask") if self.backend == "hf" and self.has_text else ()
+
+  def round_trip(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                 key: jax.Array | None = None) -> dict[str, np.ndarray]:
+    """hf backend, training (§3.6): the report each study's text encoder reads — generated with the current
+    parameters (``train.generation``; ``key`` draws its dropout when not deterministic), or the ground truth — as
+    this process's ``text_ids`` / ``text_mask`` rows (``host_text_ids``)."""
+    if self._text_source(train=True) == "ground_truth":
+      tokens = batch["targets"]
+    else:
+      g = self.config.train.generation
+      tokens = self._generate_tokens(variables, batch["images"], key, num_beams=int(g.num_beams),
+                                     deterministic=bool(g.deterministic))
+    ids, mask, _ = self.host_text_ids(sharding.local_rows(tokens))
+    return {"text_ids": ids, "text_mask": mask}
+
+  def host_text_ids(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """hf backend: decoder token rows (B, L) → text-encoder ``ids``, ``mask`` (B, T_t) int32 (``[CLS] wordpieces
+    [SEP]``, truncated keeping the specials, padded) and, for ``retokenize = text``, ``words`` (B, T_t) int32: the
+    index of the whitespace word of the decoded report each text token falls in (−1 for specials and padding; for
+    the report-attention picture). ``text``: the report decoded with the decoder's tokenizer; ``wrong_vocab``:
+    the BART ids decoded with the BERT tokenizer (ids ≥ its vocabulary and its specials vanish, the rest become
+    unrelated word pieces), as the public code does (§3.6) — ``words`` is then None."""
+    n = self.text_length
+    ids = np.full((len(tokens), n), self.text_tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(tokens), n), np.int32)
+    words = np.full((len(tokens), n), -1, np.int32)
+    for b, row in enumerate(np.asarray(tokens).tolist()):
+      decoder = self.report_tokenizer if self.retokenize == "text" else self.text_tokenizer
+      text = decoder.decode(row)
+      row_ids, offsets = self.text_tokenizer.encode_offsets(text, max_length=n)
+      ids[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, 1
+      words[b, :len(row_ids)] = word_spans(text, offsets)
+    return ids, mask, words if self.retokenize == "text" else None
 
   # --- model -----------------------------------------------------------------------------------------------
 
@@ -435,61 +593,127 @@ class RadGenSystem(System):
     x = self.dummy_batch(1)
     ids = jnp.zeros((1, self.text_length), jnp.int32)
     params_key, dropout_key = jax.random.split(key)
-    variables = self.module.init({"params": params_key, "dropout": dropout_key}, x["images"], x["targets"], ids,
-                                 jnp.ones_like(ids), train=False)
+    variables = self.module.init({"params": params_key, "dropout": dropout_key}, x["images"],
+                                 jnp.zeros((1, self.decoder_length), jnp.int32), ids, jnp.ones_like(ids),
+                                 train=False)
     return {"params": variables["params"], "batch_stats": variables.get(NON_TRAINABLE, {})}
 
-  def _beam(self, variables: Any, memory: jax.Array, num_beams: int) -> decoding.HFDecoded:
-    """HF-semantics beam search (§3.5, word backend: start = BOS, forced EOS at the last step, no forced BOS)."""
+  def _beam(self, variables: Any, memory: jax.Array, num_beams: int, key: jax.Array | None = None
+            ) -> decoding.HFDecoded:
+    """HF-semantics beam search (§3.5; word backend: start = BOS, forced EOS at the last step, no forced BOS);
+    with ``key``, the decoder's dropout is on (a fresh draw per step: ``train.generation.deterministic = False``)."""
     d = self.config.decode
-    max_length = int(self.config.data.max_seq_length) - 1
 
     def step(cache, tokens):
-      return self.module.apply(variables, cache, tokens, method="decode_step")
+      if key is None:
+        return self.module.apply(variables, cache, tokens, method="decode_step")
+      rng = jax.random.fold_in(key, jnp.max(cache["index"]))
+      return self.module.apply(variables, cache, tokens, False, method="decode_step", rngs={"dropout": rng})
 
-    cache = self.module.apply(variables, memory, max_length, method="init_cache")
+    cache = self.module.apply(variables, memory, self.decoder_length, method="init_cache")
+    r = self.tokens
     return decoding.hf_beam_search(
-        step, cache, memory.shape[0], num_beams=num_beams, max_length=max_length, eos_token_id=0,
-        pad_token_id=0, start_token_id=0, length_penalty=float(d.length_penalty), early_stopping=True,
-        no_repeat_ngram_size=int(d.no_repeat_ngram_size), forced_eos_token_id=0)
+        step, cache, memory.shape[0], num_beams=num_beams, max_length=self.decoder_length, eos_token_id=r.eos,
+        pad_token_id=r.pad, start_token_id=r.start, length_penalty=float(d.length_penalty), early_stopping=True,
+        no_repeat_ngram_size=int(d.no_repeat_ngram_size), forced_bos_token_id=r.forced_bos,
+        forced_eos_token_id=r.eos)
+
+  def _beam_tokens(self, variables: Any, images: jax.Array, key: jax.Array | None, *, num_beams: int,
+                   deterministic: bool) -> jax.Array:
+    """The training generation (§3.6): images → beam-search tokens (B, T') with the given parameters, no
+    gradient; eval mode, or (``deterministic`` False, the public code) dropout and drop path on — its own Swin pass
+    and per-step decoder draws from ``key``."""
+    frozen = jax.lax.stop_gradient(variables)
+    if deterministic:
+      memory = self.module.apply(frozen, images, method="encode")["memory"]
+      return self._beam(frozen, memory, num_beams).tokens
+    encode_key, decode_key = jax.random.split(key)
+    memory = self.module.apply(frozen, images, deterministic=False, method="encode",
+                               rngs={"dropout": encode_key})["memory"]
+    return self._beam(frozen, memory, num_beams, decode_key).tokens
 
   def _text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     k = int(self.config.model.vocab_size)
     return text_encoder_ids(tokens, k, k + 1, self.text_length)
 
+  def report_io(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(decoder inputs (B, T'), the ids they predict (B, T'), their mask (B, T')): word — ``targets[:, :-1]``,
+    ``targets[:, 1:]``, ``masks[:, 1:]``; hf — ``shift_right(targets)``, ``targets``, ``masks`` (§2.3)."""
+    targets, masks = batch["targets"], batch["masks"]
+    if self.backend == "hf":
+      return shift_right(targets, self.tokens.start), targets, masks
+    return targets[:, :-1], targets[:, 1:], masks[:, 1:]
+
   def forward(self, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
               rngs: Mapping[str, jax.Array] | None = None, mutable: Any = False):
     """The training forward over the text the text encoder reads (``train.text_source``): each study's report
-    generated with the current parameters (no gradient, deterministic, §3.6), or its ground-truth report (the
-    targets' words)."""
+    generated with the current parameters (no gradient, §3.6; deterministic unless ``train.generation.
+    deterministic`` is False, then with its own dropout draws), or its ground-truth report. hf backend: that text
+    is already in the batch (``round_trip``)."""
     images = batch["images"]
     ids = mask = None
-    if self.has_text and self._text_source(train=True) == "ground_truth":
+    if self.backend == "hf" and self.has_text:
+      ids, mask = batch["text_ids"], batch["text_mask"]
+    elif self.has_text and self._text_source(train=True) == "ground_truth":
       ids, mask = self._text(batch["targets"])
     elif self.has_text:
-      frozen = jax.lax.stop_gradient(variables)
-      memory = self.module.apply(frozen, images, method="encode")["memory"]
-      ids, mask = self._text(self._beam(frozen, memory, int(self.config.train.generation.num_beams)).tokens)
-    return self.module.apply(variables, images, batch["targets"], ids, mask, train=train, rngs=rngs,
+      g = self.config.train.generation
+      key = None if bool(g.deterministic) else jax.random.fold_in(rngs["dropout"], 1)
+      ids, mask = self._text(self._beam_tokens(variables, images, key, num_beams=int(g.num_beams),
+                                               deterministic=bool(g.deterministic)))
+    decoder_inputs = self.report_io(batch)[0]
+    return self.module.apply(variables, images, decoder_inputs, ids, mask, train=train, rngs=rngs,
                              mutable=mutable)
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``L_cls + λ L_report`` (§4): class-weighted CE over the real rows; token CE of ``targets[:, 1:]`` over the
-    counted positions (``model.report_ignore_pad``: the real tokens, BOS-less targets incl. EOS; else every
-    position of every real row)."""
+    """``L_cls + λ L_report`` (§4): class-weighted CE over the real rows; token CE of the decoder's targets over the
+    counted positions (``model.report_ignore_pad``: the real tokens, BOS-less targets incl. EOS (word) / the
+    labels ``<s> … </s>`` (hf); else every position of every real row)."""
     m = self.config.model
     weight = batch["sample_weight"]
     cls = losses.weighted_cross_entropy(outputs["class_logits"], batch["labels"], self.class_weights, weight)
     parts = {"cls": cls}
     total = cls
     if "report_logits" in outputs:
-      counted = batch["masks"][:, 1:] if bool(m.report_ignore_pad) else jnp.ones_like(batch["masks"][:, 1:])
-      report = losses.token_cross_entropy(outputs["report_logits"], batch["targets"][:, 1:],
-                                          counted * weight[:, None])
+      _, labels, real = self.report_io(batch)
+      counted = real if bool(m.report_ignore_pad) else jnp.ones_like(real)
+      report = losses.token_cross_entropy(outputs["report_logits"], labels, counted * weight[:, None])
       parts["report"] = report
       total = total + float(m.report_weight) * report
     return total, parts
+
+  def load_pretrained(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """A fresh run's start (§10): the weights of each given ``model.pretrained.{image_encoder, decoder,
+    text_encoder}`` folder (HF Swin / BART / BERT, safetensors or pytorch_model.bin; BERT's pooler dropped) in
+    place of the random init. A part the model lacks, or weights of other shapes (e.g. a vocabulary other than the
+    tokenizer's), is an error naming the folder."""
+    variables = super().load_pretrained(variables)
+    folders = {k: v for k, v in self.config.model.get("pretrained", {}).items() if v}
+    if not folders:
+      return variables
+    params, stats = dict(variables["params"]), dict(variables["batch_stats"])
+    for part, folder in folders.items():
+      if part not in params:
+        raise ValueError(f"config.model.pretrained.{part}={folder!r}: this model ({self.config.model.get('arch')}) "
+                         f"has no {part}.")
+      if part == "image_encoder":
+        new = {"params": hf_weights.load_swin(folder, add_pooling_layer=False)[1]["params"]}
+      elif part == "decoder":
+        loaded = hf_weights.load_bart(folder)[1]
+        new = {"params": loaded["params"], "batch_stats": loaded["constants"]}
+      else:
+        new = {"params": {k: v for k, v in hf_weights.load_bert(folder)[1]["params"].items() if k != "pooler"}}
+      old = {"params": params[part], **({"batch_stats": stats[part]} if "batch_stats" in new else {})}
+      differ = [f"{'/'.join(map(str, path))}: {np.shape(a)} vs {np.shape(b)}" for path, a, b in _leaf_pairs(old, new)
+                if np.shape(a) != np.shape(b)]
+      if differ or jax.tree.structure(old) != jax.tree.structure(new):
+        raise ConversionError(f"{folder}: its {part} weights do not fit config.model ({len(differ)} shapes differ: "
+                              + ", ".join(differ[:4]) + "); check the tokenizer's vocabulary and the widths.")
+      params[part] = new["params"]
+      if "batch_stats" in new:
+        stats[part] = new["batch_stats"]
+    return {"params": params, "batch_stats": stats}
 
   # --- checkpoint conversion (§10.4) -------------------------------------------------------------------------
 
@@ -498,8 +722,8 @@ class RadGenSystem(System):
                                  source: str) -> None:
     """``model.bart.vocab_size`` / ``model.bert.vocab_size`` from the public code's embedding tables
     (``report_gen.bart.model.shared.weight``, ``clinical_bert.embeddings.word_embeddings.weight``). The word
-    backend (``data.tokenizer = "word"``, the only one built) needs text vocabulary = decoder vocabulary + 2; the
-    public code's BPE / WordPiece pair (50265 / 28996) needs the HF backend: ConversionError saying so."""
+    backend (no ``data.report_tokenizer``) needs text vocabulary = decoder vocabulary + 2; the public code's BPE /
+    WordPiece pair (50265 / 28996) needs the hf backend: ConversionError saying so."""
     m = config.model
     if not m.get("report_branch", True):
       return
@@ -508,11 +732,11 @@ class RadGenSystem(System):
       if key not in state_dict:
         raise ConversionError(f"{source} has no {key!r}: not a RadGen (public code) state_dict.")
       sizes[what] = int(np.shape(state_dict[key])[0])
-    if config.data.get("tokenizer", "word") == "word" and sizes["bert"] != sizes["bart"] + 2:
+    if not config.data.get("report_tokenizer") and sizes["bert"] != sizes["bart"] + 2:
       raise ConversionError(f"{source}: decoder vocabulary {sizes['bart']}, text-encoder vocabulary {sizes['bert']}: "
                             "not the word backend's (text = decoder + [CLS], [SEP]); the public code's BART BPE + "
-                            "ClinicalBERT WordPiece checkpoint needs the HF tokenizer backend, which is not built "
-                            "yet.")
+                            "ClinicalBERT WordPiece checkpoint needs the hf tokenizer backend: pass "
+                            "--config.data.report_tokenizer=BART_DIR --config.data.text_tokenizer=BERT_DIR.")
     m.bart.vocab_size, m.bert.vocab_size = sizes["bart"], sizes["bert"]
 
   def torch_to_variables(self, state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, Any]:
@@ -567,28 +791,38 @@ class RadGenSystem(System):
 
   def generate(self, variables: Any, batch: Mapping[str, jax.Array], *, with_attention: bool = False
                ) -> dict[str, jax.Array]:
-    """Eval mode (§8): image → beam-search report → text encoder → fusion → class probabilities. ``tokens`` (B, T)
-    are the generated words then 0s (the start token dropped; EOS and pads are 0; ``T − 1`` columns, the decoder
-    length); ``probs`` (B, C); with ``with_attention``, ``report_attention`` (B, T − 1): the fusion's
-    cross-attention (head mean) on each generated word."""
+    """Eval mode (§8): image → beam-search report → text encoder → fusion → class probabilities. ``tokens``
+    (B, T') are the generated ids after the start token, then EOS / padding (word: 0s; hf: ``</s>``, ``<pad>``s; T' the
+    decoder length); ``probs`` (B, C); with ``with_attention``, ``report_attention`` (B, T'): the fusion's
+    cross-attention (head mean) on each whitespace word of the decoded report (hf: summed over its word pieces;
+    absent with ``retokenize = wrong_vocab``, whose text is not the report)."""
     enc = self.module.apply(variables, batch["images"], method="encode")
     b = batch["images"].shape[0]
-    ids = mask = None
+    source = self._text_source(train=False)
     if self.has_decoder:
       decoded = self._beam(variables, enc["memory"], int(self.config.decode.beam_size))
-      tokens = jnp.pad(decoded.tokens[:, 1:], ((0, 0), (0, 1)))
+      tokens = jnp.pad(decoded.tokens[:, 1:], ((0, 0), (0, 1)), constant_values=self.tokens.pad)
       scores, steps = decoded.scores, decoded.steps
-      if self.has_text and self._text_source(train=False) == "generated":
-        ids, mask = self._text(decoded.tokens)
     else:
-      tokens = jnp.zeros((b, int(self.config.data.max_seq_length) - 1), jnp.int32)
+      tokens = jnp.zeros((b, self.decoder_length), jnp.int32)
       scores, steps = jnp.zeros((b,)), jnp.zeros((), jnp.int32)
-    if self.has_text and ids is None:  # eval.text_source = ground_truth
-      ids, mask = self._text(batch["targets"])
+    read = decoded.tokens if self.has_decoder and source == "generated" else batch.get("targets")
+    ids = mask = words = None
+    if self.has_text and self.backend == "hf":
+      host_ids, host_mask, host_words = self.host_text_ids(sharding.local_rows(jnp.asarray(read)))
+      ids, mask = _place_rows(host_ids, tokens), _place_rows(host_mask, tokens)
+      words = None if host_words is None else _place_rows(host_words, tokens)
+    elif self.has_text:
+      ids, mask = self._text(read)
     out = self.module.apply(variables, enc.get("z_img"), ids, mask, method="classify")
     result = {"tokens": tokens, "scores": scores, "steps": steps,
               "probs": jax.nn.softmax(out["class_logits"], axis=-1)}
-    if with_attention and "text_attention" in out:  # [CLS] w1..wn [SEP]: word i sits at text position i + 1
-      words = jnp.mean(out["text_attention"][:, :, 0], axis=1)[:, 1:1 + tokens.shape[1]]
-      result["report_attention"] = jnp.pad(words, ((0, 0), (0, tokens.shape[1] - words.shape[1])))
+    if with_attention and "text_attention" in out and (self.backend == "word" or words is not None):
+      att = jnp.mean(out["text_attention"][:, :, 0], axis=1)  # (B, T_t)
+      n = tokens.shape[1]
+      if self.backend == "word":  # [CLS] w1..wn [SEP]: word i sits at text position i + 1
+        att = att[:, 1:1 + n]
+        result["report_attention"] = jnp.pad(att, ((0, 0), (0, n - att.shape[1])))
+      else:
+        result["report_attention"] = jnp.einsum("bt,btw->bw", att, jax.nn.one_hot(words, n, dtype=att.dtype))
     return result

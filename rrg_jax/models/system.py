@@ -13,6 +13,9 @@ encoder's vocabulary size read from its tokenizer file) — ``train`` writes the
 ``batch_fields(train)``    name → ``Field(shape, dtype)`` of the fields that enter the jitted step, for training
                            (``train=True``) or evaluation batches (default: the image-report batch of
                            ``input_pipeline.loader``); every other batch key is host-only
+``round_trip_fields``,     batch fields that depend on the current parameters through host code (e.g. a report
+``round_trip(...)``        generated on device, re-tokenised on the host): the train loop runs ``round_trip``
+                           between two compiled programs and adds its fields to the batch (default: none)
 ``generate(...)``          decoding (``EncoderDecoderSystem``: ``module.encode(*encode_fields)`` → cache → step
                            beam search) and the report extras (``report_outputs``: e.g. class probabilities, VDM)
 ``torch_vocab_key``,       the checkpoint converter: the key whose first dimension is the vocabulary, regex
@@ -128,10 +131,12 @@ class System:
     return {name: batch[name] for name in fields}
 
   def device_batch(self, batch: Mapping[str, Any], train: bool = True) -> dict[str, Any]:
-    """The declared fields (``batch_fields(train)``) of a host batch (host-only keys such as ``ids`` dropped),
-    checked per field."""
+    """The declared fields (``batch_fields(train)``) of a host batch (host-only keys such as ``ids`` dropped, and
+    the ``round_trip_fields`` of training batches, which ``round_trip`` adds later), checked per field."""
     out = {}
     for name, field in self.batch_fields(train).items():
+      if train and name in self.round_trip_fields:
+        continue
       if name not in batch:
         raise BatchFieldError(f"the {self.name} batch lacks field {name!r} (it has {sorted(batch)}).")
       x = batch[name]
@@ -140,6 +145,20 @@ class System:
                               f"config expects {field.shape}.")
       out[name] = x
     return out
+
+  @property
+  def round_trip_fields(self) -> tuple[str, ...]:
+    """The training batch fields that ``round_trip`` computes (declared in ``batch_fields``); none by default."""
+    return ()
+
+  def round_trip(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                 key: jax.Array | None = None) -> dict[str, np.ndarray]:
+    """The ``round_trip_fields`` of a global training ``batch`` under the current ``variables`` (compiled
+    programs and host code; no gradient flows through them; ``key``: this step's random key for any draw): this
+    process's rows as numpy arrays, which the train loop places with ``loader.to_global_batch`` and adds to the
+    batch before the train step."""
+    del variables, batch, key
+    return {}
 
   # --- model --------------------------------------------------------------------------------------------------
 
