@@ -332,3 +332,22 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     return jax.tree.map(lambda g: jnp.asarray(g != FROZEN_GROUP) & (step >= frozen_steps.get(g, 0)), labels(tree))
 
   return optax.chain(clip_by_torch_global_norm(clip_norm, trainable), tx)
+
+
+def frozen_groups(config: ml_collections.ConfigDict, epoch: int) -> frozenset[str]:
+  """The groups that get no update in (0-based) ``epoch``: ``FROZEN_GROUP`` (``optim.frozen``) and every group whose
+  ``optim.frozen_epochs`` exceeds ``epoch``."""
+  frozen_epochs = dict(config.optim.get("frozen_epochs", {}) or {})
+  return frozenset({FROZEN_GROUP} | {g for g, n in frozen_epochs.items() if int(n) > epoch})
+
+
+def without_gradient(config: ml_collections.ConfigDict, groups: frozenset[str]) -> Callable[[Any], Any]:
+  """``params → params`` with ``stop_gradient`` on the leaves of ``groups``: a train step compiled with it spends no
+  backward pass on parameters that get no update (radgen_spec §5.2: the frozen text encoder); their gradients are
+  zeros, which the optimiser and the global-norm clip ignore anyway, so the updates are the same."""
+  param_group_map, frozen = param_groups(config), tuple(config.optim.frozen)
+
+  def apply(params: Any) -> Any:
+    labels = param_labels(params, param_group_map, frozen)
+    return jax.tree.map(lambda x, g: jax.lax.stop_gradient(x) if g in groups else x, params, labels)
+  return apply

@@ -280,7 +280,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     variables = jax.device_put(variables, repl)
   state = jax.jit(lambda v, k: ts.create_train_state(v, tx, k), out_shardings=repl)(variables, dropout_key)
   del variables
-  train_step = ts.jit_train_step(ts.make_train_step(system, tx), state, mesh, system.batch_fields())
+  compiled: dict[frozenset[str], Any] = {}
+
+  def train_step_of(epoch: int):
+    """The jitted train step of ``epoch``: one program per set of frozen groups (``optim.frozen_epochs``), whose
+    frozen parameters get no backward pass (radgen_spec §5.2)."""
+    frozen = optim.frozen_groups(config, epoch)
+    if frozen not in compiled:
+      step = ts.make_train_step(system, tx, optim.without_gradient(config, frozen))
+      compiled[frozen] = ts.jit_train_step(step, state, mesh, system.batch_fields())
+    return compiled[frozen]
 
   data_iter = iter(train_ds)
   progress = Progress()
@@ -302,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         epoch = progress.epoch
         bar = tqdm.tqdm(total=steps_per_epoch, initial=progress.batches_done, disable=not main,
                         desc=f"epoch {epoch + 1}/{config.train.epochs}", dynamic_ncols=True)
+        train_step = train_step_of(epoch)
         while progress.batches_done < steps_per_epoch:
           batch = loader.to_global_batch(system.device_batch(next(data_iter)), mesh)
           if system.round_trip_fields:  # e.g. the report generated with the current parameters, re-tokenised

@@ -72,17 +72,21 @@ def round_trip_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
 
 
-def make_train_step(system: System, tx: optax.GradientTransformation
+def make_train_step(system: System, tx: optax.GradientTransformation,
+                    without_gradient: Callable[[Any], Any] | None = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """``train_step(state, batch) -> (new_state, metrics)`` (not jitted; see ``jit_train_step``).
 
   metrics: ``loss`` and the loss parts of ``system.loss``, plus ``finite`` (bool: loss and all gradients finite).
+  ``without_gradient`` (``optim.without_gradient``): params → params with ``stop_gradient`` on the leaves that get
+  no update this epoch, so no backward pass is spent on them.
   """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    cut = without_gradient or (lambda p: p)
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(
-        lambda p: training_loss(system, p, state.batch_stats, batch, key), has_aux=True)(state.params)
+        lambda p: training_loss(system, cut(p), state.batch_stats, batch, key), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)

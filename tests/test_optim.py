@@ -239,6 +239,33 @@ def test_frozen_epochs_match_torch_parameters_unfrozen_later():
     optim.make_optimizer(config, SPE)
 
 
+def test_frozen_groups_get_no_backward_pass():
+  """``frozen_groups`` per epoch and ``without_gradient``: the gradient of a frozen group's leaves is exactly zero
+  (no backward pass through them), the other leaves' gradients are unchanged (radgen_spec §5.2's frozen step)."""
+  rng = np.random.default_rng(4)
+  params = jax.tree.map(jnp.asarray, _params(rng))
+  config = _config(0, 50)
+  config.optim.frozen = ("fore_back_learn",)
+  config.optim.frozen_epochs.ve = 2
+  assert optim.frozen_groups(config, 0) == optim.frozen_groups(config, 1) == {"frozen", "ve"}
+  assert optim.frozen_groups(config, 2) == {"frozen"}
+
+  def loss(p):
+    return sum(jnp.sum(jnp.sin(x) * (i + 1)) for i, x in enumerate(jax.tree.leaves(p)))
+
+  full = jax.grad(loss)(params)
+  cut = jax.grad(lambda p: loss(optim.without_gradient(config, optim.frozen_groups(config, 0))(p)))(params)
+  labels = optim.param_labels(params, optim.param_groups(config), tuple(config.optim.frozen))
+  seen = set()
+  for label, a, b in zip(jax.tree.leaves(labels), jax.tree.leaves(full), jax.tree.leaves(cut)):
+    seen.add(label)
+    if label in ("ve", "frozen"):
+      assert not np.asarray(b).any() and np.asarray(a).any()
+    else:
+      np.testing.assert_array_equal(b, a)
+  assert seen == {"ve", "ed", "frozen"}
+
+
 def test_torch_adam_without_amsgrad():
   rng = np.random.default_rng(2)
   p = jnp.asarray(rng.normal(size=(5,)).astype(np.float32))
