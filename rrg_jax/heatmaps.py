@@ -1,6 +1,6 @@
 """Heatmap figures (matplotlib, Agg): the visual discriminative map (VDM) over each view, the decoder
 cross-attention of chosen words (paper Fig. 7/8 style), each with a colour bar, and a classifier's attention over
-the report's words.
+the report's words; and, for CT-AGRG, a CT volume's axial / coronal slice montage with the detected abnormalities.
 
 Token layout (``layers.views.view_tokens``): ``N = V·h·w`` patch tokens, views concatenated, each view's
 ``h × w`` grid row-major; eval images are square, so ``h = w = sqrt(N / V)``. Maps are bilinearly upsampled onto
@@ -123,6 +123,105 @@ def save_report_attention(words: Sequence[str], weights: np.ndarray, path: str |
   ax.set_yticks([])
   ax.set_title("attention over the report's words", fontsize=10)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="cross-attention")
+  return _save(fig, path)
+
+
+# CT volumes (CT-AGRG, ``ct_agrg_spec.md`` 2.2/2.3): float32 (D, H, W) in "SLP" orientation — axis 0 inferior →
+# superior, axis 1 patient right → left, axis 2 anterior → posterior — at (1.5, 0.75, 0.75) mm, in Hounsfield units
+# or the model's normalised intensities (clip(HU, -1000, 200) + 1000) / 1200 - 0.449. Drawn in the radiological
+# convention (patient right on the image's left) with one window spanning the model's clip range [-1000, 200] HU.
+CT_HU_WINDOW = (-1000.0, 200.0)
+CT_NORMALISED_WINDOW = (-0.449, 0.551)
+CT_SPACING = (1.5, 0.75, 0.75)
+
+
+def _ct_volume(volume: np.ndarray) -> np.ndarray:
+  """(D, H, W) as an array (no copy, any dtype); ValueError naming the shape unless 3-D with every axis ≥ 1."""
+  volume = np.asarray(volume)
+  if volume.ndim != 3 or min(volume.shape) < 1:
+    raise ValueError(f"A CT volume must be a 3-D array (D, H, W) with every axis >= 1, got shape {volume.shape}.")
+  return volume
+
+
+def ct_axial_view(volume: np.ndarray, z: int) -> np.ndarray:
+  """The axial slice ``volume[z]`` (H, W) as shown: (W, H), rows anterior → posterior (anterior at the top),
+  columns patient right → left (right on the image's left); float32."""
+  return np.asarray(_ct_volume(volume)[z], np.float32).T
+
+
+def ct_coronal_view(volume: np.ndarray, y: int) -> np.ndarray:
+  """The coronal slice ``volume[:, :, y]`` (D, H) as shown: (D, H), rows superior → inferior (superior at the
+  top), columns patient right → left; float32."""
+  return np.asarray(_ct_volume(volume)[::-1, :, y], np.float32)
+
+
+def ct_slice_indices(n: int, count: int) -> list[int]:
+  """``count`` evenly spaced (``np.linspace``, rounded) indices into an axis of length ``n`` ≥ 1, leaving out the
+  outermost 10% at each end (``⌊0.1·n⌋`` indices); one slice is the middle one; may repeat when ``count`` exceeds
+  the indices left."""
+  lo, hi = int(0.1 * n), n - 1 - int(0.1 * n)
+  points = np.linspace(lo, hi, count) if count != 1 else np.array([(lo + hi) / 2])
+  return [int(i) for i in np.rint(points)]
+
+
+def montage_caption(findings: Sequence[tuple[str, float]]) -> list[str]:
+  """The detected abnormalities as shown: ``"<name>  <probability, 2 decimals>"`` lines, most probable first (ties
+  in the given order), or ``["No abnormalities detected."]`` when there are none."""
+  if not findings:
+    return ["No abnormalities detected."]
+  ranked = sorted(findings, key=lambda f: -float(f[1]))
+  return [f"{name}  {float(prob):.2f}" for name, prob in ranked]
+
+
+def save_ct_montage(volume: np.ndarray, path: str | pathlib.Path, *, findings: Sequence[tuple[str, float]] = (),
+                    title: str = "", axial: int = 6, coronal: int = 3, hu: bool = True,
+                    spacing: tuple[float, float, float] = CT_SPACING) -> pathlib.Path:
+  """A row of ``axial`` axial slices and a row of ``coronal`` coronal slices of ``volume`` (D, H, W) ("SLP"),
+  evenly spaced (``ct_slice_indices``) and labelled with their index, in the radiological convention
+  (``ct_axial_view`` / ``ct_coronal_view``), greyscale over [-1000, 200] HU (``hu=True``) or the normalised
+  [-0.449, 0.551] (``hu=False``); a side panel lists ``findings`` (name, probability) (``montage_caption``);
+  ``title`` on top. ``spacing`` (z, x, y) mm sets the pixel aspect (the volume contract's (1.5, 0.75, 0.75))."""
+  volume = _ct_volume(volume)
+  if axial < 0 or coronal < 0 or axial + coronal == 0:
+    raise ValueError(f"Need axial >= 0 and coronal >= 0 slices, not both 0; got axial={axial}, coronal={coronal}.")
+  d, h, w = volume.shape
+  sz, sx, sy = (float(s) for s in spacing)
+  vmin, vmax = CT_HU_WINDOW if hu else CT_NORMALISED_WINDOW
+  # (plane, index name, [(index, view)], pixel aspect = row / column spacing, panel height / width in mm,
+  #  orientation letters at the first panel's top / left / right)
+  rows = []
+  if axial:
+    rows.append(("axial", "z", [(z, ct_axial_view(volume, z)) for z in ct_slice_indices(d, axial)], sy / sx,
+                 w * sy / (h * sx), ("A", "R", "L")))
+  if coronal:
+    rows.append(("coronal", "y", [(y, ct_coronal_view(volume, y)) for y in ct_slice_indices(w, coronal)], sz / sx,
+                 d * sz / (h * sx), ("S", "R", "L")))
+  ncols, panel = max(axial, coronal), 2.2
+  heights = [r[4] for r in rows]
+  fig = plt.figure(figsize=(panel * (ncols + 1.4), panel * sum(heights) + (0.5 if title else 0.2)))
+  grid = fig.add_gridspec(len(rows), ncols + 1, width_ratios=[1.0] * ncols + [1.4], height_ratios=heights,
+                          wspace=0.05, hspace=0.2)
+  for r, (plane, axis, views, aspect, _, (top, left, right)) in enumerate(rows):
+    for c in range(ncols):
+      ax = fig.add_subplot(grid[r, c])
+      ax.axis("off")
+      if c >= len(views):
+        continue
+      index, view = views[c]
+      ax.imshow(view, cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect)
+      ax.set_title(f"{plane} {axis}={index}", fontsize=9)
+      if c == 0:
+        for text, xy, ha, va in ((top, (0.5, 0.98), "center", "top"), (left, (0.02, 0.5), "left", "center"),
+                                 (right, (0.98, 0.5), "right", "center")):
+          ax.text(*xy, text, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8)
+  ax = fig.add_subplot(grid[:, ncols])
+  ax.axis("off")
+  ax.text(0.05, 0.98, "\n".join(["Detected abnormalities", ""] + montage_caption(findings)), transform=ax.transAxes,
+          ha="left", va="top", fontsize=9, family="monospace")
+  window = f"window [{vmin:g}, {vmax:g}]" + (" HU" if hu else " (normalised)")
+  ax.text(0.05, 0.02, window, transform=ax.transAxes, ha="left", va="bottom", fontsize=8, color="0.4")
+  if title:
+    fig.suptitle(title, fontsize=11)
   return _save(fig, path)
 
 
