@@ -40,6 +40,14 @@ own step count (bias correction t' = 1 at its first update) when it is unfrozen,
 get their first gradient, while its schedule counts every step. Frozen parameters (either kind) do not enter the
 global clip norm: torch has no gradient for them. ``optax.amsgrad`` is *not* used: it takes the maximum of the
 bias-corrected second moment, which gives different updates.
+
+Gradient accumulation (CT-AGRG stage 2, ct_agrg_spec §6.5): ``config.optim.accumulate_steps = k`` > 1 sums the
+gradients of k consecutive batches of an epoch, times ``config.optim.grad_scale / k`` (the code multiplies its loss
+by a GradScaler's 65536 that it never unscales: ``grad_scale = 65536``; 1 = the plain mean), and applies the whole
+optimiser above to that sum after every k-th batch of the epoch (``accumulate_gradients``). The last ``S mod k``
+batches of an epoch are dropped (``config.optim.accumulate_remainder = "drop"``, the code: their gradients are zeroed
+at the next epoch's start) or applied as a last, smaller sum (``"apply"``). Schedules and frozen epochs then count
+optimiser updates (``updates_per_epoch`` per epoch).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import optax
 
 FROZEN_GROUP = "frozen"
 SCHEDULES = ("timm_step", "step_lr", "cosine_epoch", "linear_warmup_decay")
+ACCUMULATE_REMAINDERS = ("drop", "apply")
 DECAYS = ("linear", "constant")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -302,7 +311,8 @@ def group_weight_decay(config: ml_collections.ConfigDict) -> dict[str, float]:
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimiser of ``config.optim`` for a ``params`` tree (the Flax ``'params'`` collection)."""
   o = config.optim
-  schedules = learning_rate_schedules(config, steps_per_epoch)
+  updates = updates_per_epoch(config, steps_per_epoch)
+  schedules = learning_rate_schedules(config, updates)
   groups = param_groups(config)
   frozen_epochs = dict(o.get("frozen_epochs", {}) or {})
   unknown = sorted(set(frozen_epochs) - set(groups))
@@ -312,7 +322,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
   kind = o.get("optimizer", "adam")
   if kind not in OPTIMIZERS:
     raise ValueError(f"config.optim.optimizer={kind!r}; choose one of {OPTIMIZERS}.")
-  frozen_steps = {g: int(frozen_epochs.get(g, 0)) * steps_per_epoch for g in groups}
+  frozen_steps = {g: int(frozen_epochs.get(g, 0)) * updates for g in groups}
   weight_decay = group_weight_decay(config)
   transforms = {g: torch_adam(schedules[g], b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
                               weight_decay=weight_decay[g], amsgrad=bool(o.amsgrad), clip_value=float(o.clip_value),
@@ -325,13 +335,16 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
 
   tx = optax.multi_transform({**transforms, FROZEN_GROUP: optax.set_to_zero()}, labels)
   clip_norm = float(o.get("clip_norm", 0.0))
-  if clip_norm <= 0:
+  if clip_norm > 0:
+    def trainable(step: jax.Array, tree: Any) -> Any:
+      return jax.tree.map(lambda g: jnp.asarray(g != FROZEN_GROUP) & (step >= frozen_steps.get(g, 0)), labels(tree))
+
+    tx = optax.chain(clip_by_torch_global_norm(clip_norm, trainable), tx)
+  k, scale = accumulate_steps(config), float(o.get("grad_scale", 1.0))
+  if k == 1 and scale == 1.0:
     return tx
-
-  def trainable(step: jax.Array, tree: Any) -> Any:
-    return jax.tree.map(lambda g: jnp.asarray(g != FROZEN_GROUP) & (step >= frozen_steps.get(g, 0)), labels(tree))
-
-  return optax.chain(clip_by_torch_global_norm(clip_norm, trainable), tx)
+  return accumulate_gradients(tx, k, steps_per_epoch, scale=scale,
+                              apply_remainder=o.get("accumulate_remainder", "drop") == "apply")
 
 
 def frozen_groups(config: ml_collections.ConfigDict, epoch: int) -> frozenset[str]:
@@ -351,3 +364,66 @@ def without_gradient(config: ml_collections.ConfigDict, groups: frozenset[str]) 
     labels = param_labels(params, param_group_map, frozen)
     return jax.tree.map(lambda x, g: jax.lax.stop_gradient(x) if g in groups else x, params, labels)
   return apply
+
+
+def accumulate_steps(config: ml_collections.ConfigDict) -> int:
+  k = int(config.optim.get("accumulate_steps", 1))
+  if k < 1:
+    raise ValueError(f"config.optim.accumulate_steps={k} must be >= 1.")
+  return k
+
+
+def updates_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Optimiser updates per epoch of ``steps_per_epoch`` batches: ``S`` without accumulation, else ``S // k``
+  (remainder dropped) or ``ceil(S / k)`` (applied)."""
+  k = accumulate_steps(config)
+  if k == 1:
+    return steps_per_epoch
+  remainder = config.optim.get("accumulate_remainder", "drop")
+  if remainder not in ACCUMULATE_REMAINDERS:
+    raise ValueError(f"config.optim.accumulate_remainder={remainder!r}; choose one of {ACCUMULATE_REMAINDERS}.")
+  n = steps_per_epoch // k if remainder == "drop" else -(-steps_per_epoch // k)
+  if n == 0:
+    raise ValueError(f"An epoch of {steps_per_epoch} batches makes no optimiser update with "
+                     f"config.optim.accumulate_steps={k} (its last {steps_per_epoch} batches are dropped).")
+  return n
+
+
+def update_count(config: ml_collections.ConfigDict, steps_per_epoch: int, step: int) -> int:
+  """Optimiser updates made by the first ``step`` train steps (batches)."""
+  k = accumulate_steps(config)
+  if k == 1:
+    return step
+  epochs, position = divmod(int(step), steps_per_epoch)
+  return epochs * updates_per_epoch(config, steps_per_epoch) + position // k
+
+
+class AccumulateState(NamedTuple):
+  step: jax.Array     # batches seen
+  sum: Any            # the scaled gradient sum of the pending batches of this epoch
+  inner: optax.OptState
+
+
+def accumulate_gradients(inner: optax.GradientTransformation, every: int, steps_per_epoch: int, *,
+                         scale: float = 1.0, apply_remainder: bool = False) -> optax.GradientTransformation:
+  """``inner`` applied to ``scale/every · Σ g`` over the batches of each group of ``every`` batches of an epoch
+  (the group of batch ``p`` of the epoch is ``p // every``); zero updates between, ``inner``'s state untouched. The
+  sum restarts at every epoch's first batch, so an epoch's last ``S mod every`` batches are dropped — or, with
+  ``apply_remainder``, applied at the epoch's last batch."""
+  def init_fn(params):
+    return AccumulateState(step=jnp.zeros([], jnp.int32), sum=jax.tree.map(jnp.zeros_like, params),
+                           inner=inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    position = state.step % steps_per_epoch
+    total = jax.tree.map(lambda a, g: jnp.where(position == 0, 0.0, a) + g * (scale / every), state.sum, updates)
+    apply = (position + 1) % every == 0
+    if apply_remainder:
+      apply = apply | (position == steps_per_epoch - 1)
+    new_updates, new_inner = inner.update(total, state.inner, params)
+    out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates)
+    inner_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_inner, state.inner)
+    total = jax.tree.map(lambda t: jnp.where(apply, jnp.zeros_like(t), t), total)
+    return out, AccumulateState(step=optax.safe_int32_increment(state.step), sum=total, inner=inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)

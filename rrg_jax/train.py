@@ -264,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_ds = loader.train_dataset(config, tokenizer, seed=config.seed)
   steps_per_epoch = loader.steps_per_epoch(config)
   tx = optim.make_optimizer(config, steps_per_epoch)
-  lr_schedules = optim.learning_rate_schedules(config, steps_per_epoch)
+  lr_schedules = optim.learning_rate_schedules(config, optim.updates_per_epoch(config, steps_per_epoch))
 
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
   repl = sharding.replicated(mesh)
@@ -335,7 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           parts = {k: float(v) for k, v in m.items()}
           progress.loss_sums = {k: progress.loss_sums.get(k, 0.0) + v for k, v in parts.items()}
           progress.loss_steps += 1
-          lrs = {f"lr_{g}": float(schedule(step - 1)) for g, schedule in lr_schedules.items()}
+          update = max(optim.update_count(config, steps_per_epoch, step) - 1, 0)  # the latest optimiser update
+          lrs = {f"lr_{g}": float(schedule(update)) for g, schedule in lr_schedules.items()}
           rate = speed.tick()
           bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()},
                            **{k: f"{v:.1e}" for k, v in lrs.items()}, "ex/s": f"{rate:.1f}"}, refresh=False)
