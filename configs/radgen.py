@@ -22,8 +22,9 @@ generated report re-tokenised on the host, §3.6) with ``--config.data.report_to
 --config.data.text_tokenizer=BERT_DIR`` — ``radgen_code`` needs it (its ``retokenize = wrong_vocab``). Pretrained
 weights (§10): ``--config.model.pretrained.{image_encoder,decoder,text_encoder}=HF_DIR`` (local folders).
 
-Not built (refused with a message): text baselines reading the reports of a trained RadGen (§9.1
-``baseline.text_source = generated``).
+Text baselines on generated reports (§9.1 ``baseline.text_source = generated``): ``report_only`` / ``early_fusion`` /
+``late_fusion`` with ``--config.train.text_source=generated --config.eval.text_source=generated
+--config.model.report_generator=RADGEN_RUN`` read a trained RadGen's beam-search reports instead of the radiologist's.
 """
 
 import ml_collections
@@ -151,6 +152,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   m.dtype = "float32"                   # compute dtype: float32 | bfloat16
   # §10: local HF folders (config.json + model.safetensors / pytorch_model.bin) loaded into a fresh run; "" = random init.
   m.pretrained = ml_collections.ConfigDict({"image_encoder": "", "decoder": "", "text_encoder": ""})
+  # §9.1 text baselines with train/eval.text_source = generated: a trained RadGen (workdir or checkpoint) whose
+  # beam-search reports the baseline reads (same report tokenizer); "" = none.
+  m.report_generator = ""
 
   # --- training (§3.6, §5) -------------------------------------------------------------------------------------
   c.train.epochs = 30

@@ -405,3 +405,53 @@ def test_public_checkpoint_refusals(public_checkpoint):
                                                                "classifier."))}
   variables = without_report.torch_to_variables(image_only, "image only")
   assert set(variables["params"]) == {"image_encoder", "image_proj", "classifier"} and not variables["batch_stats"]
+
+
+def test_text_baseline_reads_a_trained_radgens_reports(tmp_path):
+  """§9.1 ``text_source = generated`` for a text baseline: ``model.report_generator`` (a saved RadGen) writes the
+  reports; the baseline's train-step text ids (``round_trip``) and its ``generate`` (tokens, probabilities) use
+  exactly that model's beam-search reports, re-tokenised as §3.6; a RadGen with a decoder, or a generator of
+  another vocabulary, is refused."""
+  from input_pipeline.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from rrg_jax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
+  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+
+  generator = tiny_system(dropout=False)
+  gen_vars = generator.torch_to_variables(state_dict(torch_model(generator, seed=4)), "generator")  # varied reports
+  checkpointing.save_inference(tmp_path / "gen", generator.config, gen_vars,
+                               Tokenizer([f"w{i}" for i in range(K - 2)] + ["<unk>"], "mimic"))
+
+  def baseline_config(vocab: int = K):
+    c = radgen_configs.get_config("report_only")
+    tiny = radgen_configs.get_config("radgen_tiny")
+    c.model.swin, c.model.bert, c.data = tiny.model.swin, tiny.model.bert, tiny.data
+    c.model.vocab_size = vocab
+    c.train.text_source = c.eval.text_source = "generated"
+    c.model.report_generator = str(tmp_path / "gen")
+    return c
+
+  baseline = RadGenSystem(baseline_config())
+  assert baseline.round_trip_fields == ("text_ids", "text_mask")
+  variables = jax.device_get(baseline.init(jax.random.key(3)))
+  batch = make_batch(baseline)
+  global_batch = loader.to_global_batch(baseline.device_batch(batch), sharding.create_mesh((1,)))
+  text = baseline.round_trip(variables, global_batch)
+  want = generator._generate_tokens(gen_vars, jnp.asarray(batch["images"]), None, num_beams=2,  # pylint: disable=protected-access
+                                    deterministic=True)
+  want_ids, want_mask = text_encoder_ids(want, CLS, SEP, TEXT)
+  assert len({tuple(r) for r in np.asarray(want_ids)}) > 1
+  np.testing.assert_array_equal(text["text_ids"], want_ids)
+  np.testing.assert_array_equal(text["text_mask"], want_mask)
+  out = baseline.generate(variables, {"images": jnp.asarray(batch["images"]), "targets": jnp.asarray(batch["targets"])})
+  np.testing.assert_array_equal(out["tokens"][:, :want.shape[1] - 1], np.asarray(want)[:, 1:])
+  logits = baseline.module.apply(variables, None, want_ids, want_mask, method="classify")["class_logits"]
+  np.testing.assert_allclose(out["probs"], jax.nn.softmax(logits, -1), rtol=1e-6)
+  loss, _ = baseline.loss(baseline.forward(variables, {**batch, **text}, train=False), batch)
+  assert np.isfinite(float(loss))
+
+  with pytest.raises(ValueError, match="report tokenizer is not this run's"):
+    RadGenSystem(baseline_config(vocab=K + 1))
+  own = radgen_configs.get_config("radgen_tiny")
+  own.model.vocab_size, own.model.report_generator = K, str(tmp_path / "gen")
+  with pytest.raises(ValueError, match="RadGen generates its own"):
+    RadGenSystem(own)

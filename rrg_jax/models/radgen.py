@@ -505,10 +505,37 @@ class RadGenSystem(System):
       source = self._text_source(train=where == "train")
       if source not in TEXT_SOURCES:
         raise ValueError(f"config.{where}.text_source={source!r}; choose one of {TEXT_SOURCES}.")
-      if self.has_text and source == "generated" and not self.has_decoder:
+    self.generator = self._report_generator()
+    for where in ("train", "eval"):
+      if (self.has_text and self._text_source(train=where == "train") == "generated" and not self.has_decoder
+          and self.generator is None):
         raise ValueError(f"config.{where}.text_source='generated' needs the report decoder; config.model.arch="
-                         f"{m.get('arch', 'radgen')!r} has none (use ground_truth).")
+                         f"{m.get('arch', 'radgen')!r} has none: use ground_truth, or name a trained RadGen in "
+                         "config.model.report_generator (§9.1).")
     self._generate_tokens = jax.jit(self._beam_tokens, static_argnames=("num_beams", "deterministic"))
+
+  def _report_generator(self) -> tuple[RadGenSystem, Any] | None:
+    """A §9.1 text baseline's report source (``model.report_generator``: a trained RadGen's workdir or inference
+    checkpoint): (its system, its variables), whose report tokenizer must be this run's; None when not set."""
+    path = self.config.model.get("report_generator", "")
+    if not path:
+      return None
+    if self.has_decoder:
+      raise ValueError("config.model.report_generator is for the §9.1 text baselines; RadGen generates its own "
+                       "reports.")
+    from rrg_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+    config, variables, tokenizer = checkpointing.load_inference(path)
+    generator, variables = models.get_system(config), jax.device_put(variables)
+    if not isinstance(generator, RadGenSystem) or not generator.has_decoder:
+      raise ValueError(f"config.model.report_generator={path!r} is not a RadGen model with a report decoder.")
+    same = (tokenizer == self.report_tokenizer if self.backend == "hf" else
+            generator.backend == "word" and int(config.model.vocab_size) == int(self.config.model.vocab_size))
+    if not same:
+      raise ValueError(f"config.model.report_generator={path!r}: its report tokenizer is not this run's "
+                       "(config.data.report_tokenizer / the word vocabulary); the text encoder would misread its "
+                       "reports.")
+    return generator, variables
 
   @property
   def has_decoder(self) -> bool:
@@ -548,7 +575,9 @@ class RadGenSystem(System):
 
   @property
   def round_trip_fields(self) -> tuple[str, ...]:
-    return ("text_ids", "text_mask") if self.backend == "hf" and self.has_text else ()
+    """hf backend, or a text baseline reading another model's reports: the text encoder's ids."""
+    uses = self.has_text and (self.backend == "hf" or self.generator is not None)
+    return ("text_ids", "text_mask") if uses else ()
 
   def round_trip(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array],
                  key: jax.Array | None = None) -> dict[str, np.ndarray]:
@@ -557,12 +586,25 @@ class RadGenSystem(System):
     this process's ``text_ids`` / ``text_mask`` rows (``host_text_ids``)."""
     if self._text_source(train=True) == "ground_truth":
       tokens = batch["targets"]
+    elif self.generator is not None:
+      tokens = self._generated_by_generator(batch["images"])
     else:
       g = self.config.train.generation
       tokens = self._generate_tokens(variables, batch["images"], key, num_beams=int(g.num_beams),
                                      deterministic=bool(g.deterministic))
-    ids, mask, _ = self.host_text_ids(sharding.local_rows(tokens))
+    rows = sharding.local_rows(tokens)
+    if self.backend == "word":
+      ids, mask = (np.asarray(x) for x in self._text(jnp.asarray(rows)))
+    else:
+      ids, mask, _ = self.host_text_ids(rows)
     return {"text_ids": ids, "text_mask": mask}
+
+  def _generated_by_generator(self, images: jax.Array) -> jax.Array:
+    """The §9.1 baselines' ``generated`` text: the reports of ``model.report_generator`` (its eval-mode beam search,
+    its ``decode.beam_size``) with the start token first, (B, T')."""
+    generator, variables = self.generator
+    return generator._generate_tokens(variables, images, None, num_beams=int(generator.config.decode.beam_size),  # pylint: disable=protected-access
+                                      deterministic=True)
 
   def host_text_ids(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """hf backend: decoder token rows (B, L) → text-encoder ``ids``, ``mask`` (B, T_t) int32 (``[CLS] wordpieces
@@ -652,7 +694,7 @@ class RadGenSystem(System):
     is already in the batch (``round_trip``)."""
     images = batch["images"]
     ids = mask = None
-    if self.backend == "hf" and self.has_text:
+    if self.round_trip_fields:
       ids, mask = batch["text_ids"], batch["text_mask"]
     elif self.has_text and self._text_source(train=True) == "ground_truth":
       ids, mask = self._text(batch["targets"])
@@ -792,21 +834,26 @@ class RadGenSystem(System):
   def generate(self, variables: Any, batch: Mapping[str, jax.Array], *, with_attention: bool = False
                ) -> dict[str, jax.Array]:
     """Eval mode (§8): image → beam-search report → text encoder → fusion → class probabilities. ``tokens``
-    (B, T') are the generated ids after the start token, then EOS / padding (word: 0s; hf: ``</s>``, ``<pad>``s; T' the
-    decoder length); ``probs`` (B, C); with ``with_attention``, ``report_attention`` (B, T'): the fusion's
+    (B, T') are the generated ids after the start token, then EOS / padding (word: 0s; hf: ``</s>``, ``<pad>``s;
+    T' the decoder length; a text baseline with ``model.report_generator``: that model's report);
+    ``probs`` (B, C); with ``with_attention``, ``report_attention`` (B, T'): the fusion's
     cross-attention (head mean) on each whitespace word of the decoded report (hf: summed over its word pieces;
     absent with ``retokenize = wrong_vocab``, whose text is not the report)."""
     enc = self.module.apply(variables, batch["images"], method="encode")
     b = batch["images"].shape[0]
     source = self._text_source(train=False)
+    generated = None
+    scores, steps = jnp.zeros((b,)), jnp.zeros((), jnp.int32)
     if self.has_decoder:
       decoded = self._beam(variables, enc["memory"], int(self.config.decode.beam_size))
-      tokens = jnp.pad(decoded.tokens[:, 1:], ((0, 0), (0, 1)), constant_values=self.tokens.pad)
-      scores, steps = decoded.scores, decoded.steps
-    else:
+      generated, scores, steps = decoded.tokens, decoded.scores, decoded.steps
+    elif self.generator is not None and source == "generated":  # a §9.1 baseline reading a RadGen's reports
+      generated = self._generated_by_generator(batch["images"])
+    if generated is None:
       tokens = jnp.zeros((b, self.decoder_length), jnp.int32)
-      scores, steps = jnp.zeros((b,)), jnp.zeros((), jnp.int32)
-    read = decoded.tokens if self.has_decoder and source == "generated" else batch.get("targets")
+    else:
+      tokens = jnp.pad(generated[:, 1:], ((0, 0), (0, 1)), constant_values=self.tokens.pad)
+    read = generated if generated is not None and source == "generated" else batch.get("targets")
     ids = mask = words = None
     if self.has_text and self.backend == "hf":
       host_ids, host_mask, host_words = self.host_text_ids(sharding.local_rows(jnp.asarray(read)))
