@@ -23,6 +23,7 @@ pre-tokenizer, post-processor and added tokens from the file, as ``tokenizers`` 
     tok.save(workdir)                                        # workdir/tokenizer.json + workdir/vocab.json
     SubwordTokenizer.load(workdir)
     tok = train_subword(reports, "bpe", 2000, workdir=workdir)   # for users without tokenizer files
+    tok = train_subword(sentences, "bpe", 2000, family="gpt2")   # GPT-2-style: <|endoftext|> the last id
 
 A saved tokenizer is ``DIR/tokenizer.json`` (the whole ``tokenizers`` pipeline, special tokens included) plus
 ``DIR/vocab.json``, a small descriptor (``format`` ``rrg_jax.subword/1``, family, special-token roles, a checksum
@@ -69,10 +70,12 @@ DEFAULT_SPECIALS: dict[str, dict[str, str | None]] = {
     "gpt2": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>", "sep": None, "pad": None,
              "cls": None, "mask": None},
 }
-# Vocabulary order of the tokenizers trained by ``train_subword`` (BART's first four ids: <s> 0, <pad> 1, </s> 2,
-# <unk> 3; BERT's [PAD] = 0).
-_TRAIN_ORDER = {"wordpiece": ("pad", "unk", "cls", "sep", "mask"), "bpe": ("bos", "pad", "eos", "unk", "mask")}
-_KIND_FAMILY = {"wordpiece": "bert", "bpe": "bart"}
+# The special-token roles of the tokenizers trained by ``train_subword``, per family, in vocabulary order (BART's
+# first four ids: <s> 0, <pad> 1, </s> 2, <unk> 3; BERT's [PAD] = 0; GPT-2's one token, which also plays bos and
+# unk, comes last).
+_TRAIN_ORDER = {"bert": ("pad", "unk", "cls", "sep", "mask"), "bart": ("bos", "pad", "eos", "unk", "mask"),
+                "gpt2": ("eos",)}
+_KIND_FAMILIES = {"wordpiece": ("bert",), "bpe": ("bart", "gpt2")}
 
 
 class TokenizerFileError(ValueError):
@@ -642,26 +645,34 @@ def _train_wordpiece(tok: tokenizers.Tokenizer, texts: Sequence[str], trainer, s
 
 
 def train_subword(texts: Iterable[str], kind: str, vocab_size: int,
-                  special_tokens: Mapping[str, str] | None = None, *, lowercase: bool = True,
-                  strip_accents: bool | None = None, add_prefix_space: bool = False, min_frequency: int = 0,
-                  workdir: str | pathlib.Path | None = None) -> SubwordTokenizer:
+                  special_tokens: Mapping[str, str] | None = None, *, family: str | None = None,
+                  lowercase: bool = True, strip_accents: bool | None = None, add_prefix_space: bool = False,
+                  min_frequency: int = 0, workdir: str | pathlib.Path | None = None) -> SubwordTokenizer:
   """A new tokenizer trained on ``texts`` with ``tokenizers``' trainers (deterministic for the same texts).
 
   ``kind`` ``"wordpiece"``: BERT-style (family bert; ``BertNormalizer(lowercase, strip_accents)``,
-  ``[CLS] … [SEP]``), ids [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4. ``"bpe"``: BART-style byte-level BPE
-  (family bart; ``<s> … </s>``, the 256 byte symbols always present), ids <s> 0, <pad> 1, </s> 2, <unk> 3,
-  <mask> 4. ``special_tokens``: role → name overrides (roles of ``ROLES`` that the kind uses). ``vocab_size``
-  is the size reached when the texts have enough material (the trainers stop earlier otherwise); ValueError if
-  the specials and the alphabet alone exceed it. ``workdir``: saved there (``tokenizer.json`` + ``vocab.json``).
+  ``[CLS] … [SEP]``), ids [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4. ``"bpe"``: byte-level BPE (the 256 byte
+  symbols always present) of ``family`` ``"bart"`` (the default; ``<s> … </s>``, ids <s> 0, <pad> 1, </s> 2,
+  <unk> 3, <mask> 4) or ``"gpt2"`` (as HF's ``GPT2Tokenizer``: one special token ``<|endoftext|>``, which is bos,
+  eos and unk, is recognised inside a text and is the **last** id, ``vocab_size - 1`` like GPT-2's 50256; no pad;
+  ``encode`` adds nothing, so ``"<|endoftext|>abc<|endoftext|>"`` → ``[eot, …, eot]``; the texts are split at
+  ``<|endoftext|>`` for training). ``family`` None: the kind's first family (bert, bart). ``special_tokens``:
+  role → name overrides (roles of ``ROLES`` that the family trains: bert pad/unk/cls/sep/mask, bart
+  bos/pad/eos/unk/mask, gpt2 eos — its one token). ``vocab_size`` is the size reached when the texts have enough
+  material (the trainers stop earlier otherwise); ValueError if the specials and the alphabet alone exceed it.
+  ``workdir``: saved there (``tokenizer.json`` + ``vocab.json``).
   """
   if kind not in KINDS:
     raise ValueError(f"Unknown subword kind {kind!r}; choose one of {KINDS}.")
-  order = _TRAIN_ORDER[kind]
-  family = _KIND_FAMILY[kind]
+  family = family or _KIND_FAMILIES[kind][0]
+  if family not in _KIND_FAMILIES[kind]:
+    raise ValueError(f"train_subword({kind!r}) trains the families {_KIND_FAMILIES[kind]}, not {family!r}.")
+  order = _TRAIN_ORDER[family]
   names = {r: DEFAULT_SPECIALS[family][r] for r in order}
   for role, token in (special_tokens or {}).items():
     if role not in names:
-      raise ValueError(f"train_subword({kind!r}): special-token role {role!r} is not one of {order}.")
+      raise ValueError(f"train_subword({kind!r}, family={family!r}): special-token role {role!r} is not one of "
+                       f"{order}.")
     if not isinstance(token, str) or not token:
       raise ValueError(f"train_subword: the {role} token must be a non-empty string, not {token!r}.")
     names[role] = token
@@ -683,7 +694,10 @@ def train_subword(texts: Iterable[str], kind: str, vocab_size: int,
                                           fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+    # GPT-2: the special token is registered after training, so that it gets the last id.
+    last = family == "gpt2"
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials) if last else vocab_size,
+                                  min_frequency=min_frequency, special_tokens=[] if last else specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     minimum = len(specials) + len(pre_tokenizers.ByteLevel.alphabet())
   if vocab_size < minimum:
@@ -692,22 +706,26 @@ def train_subword(texts: Iterable[str], kind: str, vocab_size: int,
   texts = list(_checked_texts(texts))
   if kind == "wordpiece":
     tok = _train_wordpiece(tok, texts, trainer, specials, names["unk"], vocab_size, min_frequency)
+  elif family == "gpt2":
+    tok.train_from_iterator([piece for t in texts for piece in t.split(names["eos"])], trainer=trainer)
   else:
     tok.train_from_iterator(texts, trainer=trainer)
-  if tok.get_vocab_size() > vocab_size:
-    raise ValueError(f"train_subword({kind!r}): the texts' alphabet and the special tokens already need "
-                     f"{tok.get_vocab_size()} ids, more than vocab_size {vocab_size}.")
   full = dict(DEFAULT_SPECIALS[family], **names)
-  if kind == "wordpiece":
+  if family == "bert":
     full["bos"], full["eos"] = full["cls"], full["sep"]
     tok.post_processor = _bert_processor(tok, full["cls"], full["sep"], "train_subword")
-  else:
+  elif family == "bart":
     full["cls"], full["sep"] = full["bos"], full["eos"]
     tok.post_processor = processors.RobertaProcessing((full["sep"], tok.token_to_id(full["sep"])),
                                                       (full["cls"], tok.token_to_id(full["cls"])),
                                                       trim_offsets=True, add_prefix_space=add_prefix_space)
+  else:
+    full["bos"] = full["unk"] = full["eos"]
   _register_specials(tok, full)
-  out = SubwordTokenizer(tok, family, full, source=f"train_subword({kind})")
+  if tok.get_vocab_size() > vocab_size:
+    raise ValueError(f"train_subword({kind!r}): the texts' alphabet and the special tokens already need "
+                     f"{tok.get_vocab_size()} ids, more than vocab_size {vocab_size}.")
+  out = SubwordTokenizer(tok, family, full, source=f"train_subword({kind}, {family})")
   if workdir is not None:
     out.save(workdir)
   return out

@@ -66,14 +66,24 @@ Data set (``write_dataset`` / ``ensure_dataset``; CT-RATE layout, §2.1–§2.2)
     <out>/train/train_<p>/train_<p>_a/train_<p>_a_1.nii.gz.npz     train (p = 1..n_train) and val (the next n_val)
     <out>/valid/valid_<p>/valid_<p>_a/valid_<p>_a_1.nii.gz.npz     test  (p = 1..n_test)
     <out>/{train,val,test}_{labels,metadata,reports}.csv
+    <out>/{train,val,test}_sentences.csv                           stage-2 sentences (§9.2)
+    <out>/gpt2_tokenizer/{tokenizer.json,vocab.json}               GPT-2-style byte-level BPE of the train sentences
     <out>/manifest.json, <out>/README.md
 
 As in the CT-AGRG configs (CT-RATE has train and valid only), validation volumes live in the *train* folder and are
 told apart by their own CSVs (the loader keeps only the files its labels CSV lists); CT-RATE's ``valid`` folder is
-the test split. ``dataset_paths`` gives each split's folder and CSVs. Labels: in each split a fraction
-``healthy_fraction`` of the volumes has no finding; each rendered abnormality is then given to exactly
+the test split. ``dataset_paths`` gives each split's folder, CSVs and the tokenizer folder. Labels: in each split a
+fraction ``healthy_fraction`` of the volumes has no finding; each rendered abnormality is then given to exactly
 ``round(p · N)`` of the other volumes, drawn independently per abnormality, so its prevalence is ``p`` in every
 split. The default set (144 volumes of 48 × 192 × 192) takes ~16 s on one core and ~43 MB.
+
+Stage-2 text (§2.6, §9): each split's sentences CSV is written by the §9.3 rule extractor
+(``input_pipeline.ct_sentences.build_sentences_csv``: one row per label-positive abnormality with a matching
+sentence; the reports state every labelled abnormality with a lexicon keyword, so every positive gets one). The
+tokenizer (``subword.train_subword(..., "bpe", GPT2_VOCAB_SIZE, family="gpt2")``) stands in for GPT-2's 50257-id
+BPE: trained on the cleaned (``ct_rate.clean_sentence_text``) sentences of the train split's CSV, deterministic,
+``<|endoftext|>`` its last id (``manifest.json`` records the id and the size). The templated sentences support
+only ~600 ids (the trainer stops when every word is one token), fewer than the ``GPT2_VOCAB_SIZE`` asked for.
 
 Determinism: everything is a function of ``seed``; volume ``i`` of a split draws from its own generators
 (``np.random.default_rng([seed, split, stream, i])``), so its image and report do not depend on the counts.
@@ -103,10 +113,10 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from input_pipeline import ct_rate, volumes
+from input_pipeline import ct_rate, ct_sentences, subword, volumes
 
 GENERATOR = "input_pipeline.synthetic_ct"
-VERSION = 1
+VERSION = 2  # 2: sentences CSVs and the GPT-2-style tokenizer
 STATEMENT = "SYNTHETIC phantoms, not patient data"
 ABNORMALITIES = ct_rate.ABNORMALITIES
 RENDERED = (
@@ -131,6 +141,8 @@ NOISE_SIGMA = 12.0  # HU
 NOISE_GRAIN = 3     # in-plane voxels per independent noise value (a 3 × 3 grain)
 _MIN_SHAPE = (6, 48, 48)
 _STREAM_LABELS, _STREAM_IMAGE, _STREAM_TEXT, _STREAM_META = range(4)
+TOKENIZER_DIR = "gpt2_tokenizer"
+GPT2_VOCAB_SIZE = 1024  # asked for; the synthetic sentences reach ~600 (module docstring)
 
 # HU of the tissues (before noise).
 AIR, FAT, MEDIASTINAL_FAT, SOFT, LUNG = -1000.0, -100.0, -90.0, 40.0, -850.0
@@ -703,10 +715,12 @@ def assign_labels(rng: np.random.Generator, n: int, prevalence: Mapping[str, flo
 
 def dataset_paths(root: str | os.PathLike[str]) -> dict[str, dict[str, pathlib.Path]]:
   """split → {``volumes``: the folder its loader globs (``<volumes>/*/*/*.npz``), ``labels``, ``metadata``,
-  ``reports``: its CSVs}; val shares the train folder (its labels CSV selects its volumes)."""
+  ``reports``, ``sentences``: its CSVs, ``tokenizer``: the GPT-2-style tokenizer folder (the same for every
+  split)}; val shares the train folder (its labels CSV selects its volumes)."""
   root = pathlib.Path(root)
   return {split: {"volumes": root / folder, **{kind: root / f"{split}_{kind}.csv"
-                                               for kind in ("labels", "metadata", "reports")}}
+                                               for kind in ("labels", "metadata", "reports", "sentences")},
+                  "tokenizer": root / TOKENIZER_DIR}
           for split, (folder, _) in SPLITS.items()}
 
 
@@ -735,7 +749,9 @@ per-abnormality prevalence.
 
 Layout: `train/` holds the train and val volumes (told apart by `train_labels.csv` / `val_labels.csv`),
 `valid/` the test volumes (CT-RATE's validation split, used as test by CT-AGRG). Each `*.nii.gz.npz` holds `arr_0`,
-int16 Hounsfield units (D, H, W) in SLP orientation (the loader casts it to float32).
+int16 Hounsfield units (D, H, W) in SLP orientation (the loader casts it to float32). `<split>_sentences.csv` are the
+stage-2 per-abnormality sentences (rule-based extractor), `gpt2_tokenizer/` a small GPT-2-style byte-level BPE
+trained on the train sentences (it stands in for GPT-2's vocabulary; `<|endoftext|>` is its last id).
 """
 
 
@@ -775,18 +791,28 @@ def write_dataset(out_dir: str | os.PathLike[str], *, seed: int = DEFAULTS["seed
     rows[split]["reports"].append([name, *(text[c] for c in REPORT_COLUMNS[1:])])
   paths = dataset_paths(out)
   columns = {"labels": LABEL_COLUMNS, "metadata": METADATA_COLUMNS, "reports": REPORT_COLUMNS}
+  sentence_rows = {}
   for split in SPLITS:
     paths[split]["volumes"].mkdir(exist_ok=True)
     for kind, header in columns.items():
       _write_csv(paths[split][kind], header, rows[split][kind])
+    sentence_rows[split] = ct_sentences.build_sentences_csv(paths[split]["reports"], paths[split]["labels"],
+                                                            paths[split]["sentences"])[0]
+  sentences = [ct_rate.clean_sentence_text(row.text) for row in ct_rate.read_sentences(paths["train"]["sentences"])]
+  tokenizer = subword.train_subword(sentences, "bpe", GPT2_VOCAB_SIZE, family="gpt2")
+  tokenizer.save(paths["train"]["tokenizer"])
   manifest = {
       "generator": GENERATOR, "version": VERSION, "statement": STATEMENT, "parameters": params,
       "orientation": "SLP: axis 0 inferior -> superior, axis 1 right -> left, axis 2 anterior -> posterior",
       "spacing_mm": list(volumes.CONTRACT_SPACING),
       "arr_0": "int16 Hounsfield units (D, H, W), np.savez_compressed; loaders cast to float32",
       "rendered": list(RENDERED), "never_present": list(NEVER_RENDERED),
+      "tokenizer": {"folder": TOKENIZER_DIR, "family": "gpt2", "vocab_size": tokenizer.vocab_size,
+                    "endoftext_id": tokenizer.eos_id,
+                    "trained_on": f"the {len(sentences)} cleaned sentences of {paths['train']['sentences'].name}"},
       "splits": {split: {"volumes": SPLITS[split][0], "count": params[f"num_{split}"],
-                         **{kind: paths[split][kind].name for kind in columns},
+                         **{kind: paths[split][kind].name for kind in (*columns, "sentences")},
+                         "sentence_rows": sentence_rows[split],
                          "healthy": int((~labels[split].any(1)).sum()),
                          "prevalence": dict(zip(ABNORMALITIES, np.round(labels[split].mean(0), 4).tolist()))
                          if params[f"num_{split}"] else {}}

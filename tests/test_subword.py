@@ -510,3 +510,63 @@ def test_batch_pickle_and_file_paths(folders):
   assert SubwordTokenizer.load(folders["bert_cased"] / "vocab.txt") == bert
   with pytest.raises(TypeError, match="str"):
     bert.encode_batch(["heart", None])
+
+
+# --- GPT-2 family -------------------------------------------------------------------------------------------
+
+EOT = "<|endoftext|>"
+
+
+def _write_gpt2_files(tok: SubwordTokenizer, folder: pathlib.Path) -> pathlib.Path:
+  """vocab.json (``<|endoftext|>`` included, as OpenAI's file) + merges.txt of a trained GPT-2-family tokenizer."""
+  folder.mkdir(parents=True, exist_ok=True)
+  vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
+  _write_json(folder / "vocab.json", dict(sorted(vocab.items(), key=lambda x: x[1])))
+  merges = json.loads(tok.tokenizer.to_str())["model"]["merges"]
+  lines = [m if isinstance(m, str) else " ".join(m) for m in merges]  # tokenizers < 0.20 writes "a b" strings
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in lines), encoding="utf-8")
+  return folder
+
+
+def test_train_gpt2_family_matches_transformers_gpt2(tmp_path):
+  """train_subword(..., family="gpt2"): <|endoftext|> is the last id, one special token inside a text, nothing
+  added by encode; equal to transformers' GPT2Tokenizer built from the exported vocab.json + merges.txt and to
+  GPT2TokenizerFast reading the saved tokenizer.json; a CT-AGRG slot encodes as [eot, …, eot]."""
+  from input_pipeline import ct_rate  # pylint: disable=g-import-not-at-top
+
+  tok = train_subword(CORPUS, "bpe", 330, family="gpt2", workdir=tmp_path / "ours")
+  assert tok == train_subword(iter(CORPUS), "bpe", 330, family="gpt2")  # deterministic
+  assert tok.family == "gpt2" and tok.vocab_size == 330 and tok.num_special_tokens == 0
+  eot = tok.token_to_id(EOT)
+  assert eot == tok.vocab_size - 1 == tok.bos_id == tok.eos_id == tok.unk_id and tok.pad_id is None
+  assert tok.special_ids == {eot}
+  ids = tok.encode(EOT + "abc" + EOT)
+  assert ids[0] == ids[-1] == eot and ids[1:-1] == tok.encode("abc") and eot not in ids[1:-1]
+  assert tok.encode("") == []
+  loaded = load_tokenizer(tmp_path / "ours")
+  assert loaded == tok and loaded.family == "gpt2" and loaded.eos_id == eot
+  assert json.loads((tmp_path / "ours" / "vocab.json").read_text())["family"] == "gpt2"
+
+  ref = transformers.GPT2Tokenizer.from_pretrained(str(_write_gpt2_files(tok, tmp_path / "hf")))
+  from_file = GPT2TokenizerFast(tokenizer_file=str(tmp_path / "ours" / "tokenizer.json"))
+  assert len(ref) == len(from_file) == tok.vocab_size and ref.eos_token_id == from_file.eos_token_id == eot
+  slot = EOT + ct_rate.clean_sentence_text("Bilateral pleural effusion, 4.5 mm (series 3).") + EOT
+  for text in TEXTS + [slot, "a" + EOT + "b " + EOT + " c", EOT, EOT + EOT]:
+    ids = tok.encode(text)
+    assert ids == ref(text)["input_ids"] == from_file(text)["input_ids"], text
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+  ids = ct_rate.encode_slot(tok, slot)
+  assert ids[0] == ids[-1] == eot and eot not in ids[1:-1] and len(ids) > 3
+  assert ids == ref(slot, truncation=True, max_length=ct_rate.MAX_TOKENS)["input_ids"]
+  assert ct_rate.encode_slot(tok, slot, max_length=4)[-1] != eot  # cut at the end, as HF's truncation
+
+
+def test_train_gpt2_family_errors():
+  with pytest.raises(ValueError, match="families"):
+    train_subword(CORPUS, "wordpiece", 200, family="gpt2")
+  with pytest.raises(ValueError, match="role 'pad'"):
+    train_subword(CORPUS, "bpe", 300, {"pad": "<pad>"}, family="gpt2")
+  with pytest.raises(ValueError, match="minimum 257"):
+    train_subword(CORPUS, "bpe", 256, family="gpt2")
+  renamed = train_subword(CORPUS, "bpe", 300, {"eos": "<|eot|>"}, family="gpt2")
+  assert renamed.id_to_token(renamed.vocab_size - 1) == "<|eot|>" == renamed.special_tokens["bos"]

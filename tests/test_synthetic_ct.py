@@ -1,6 +1,6 @@
 """input_pipeline.synthetic_ct: the SYNTHETIC CT-RATE-layout data set (names, CSV columns, contract files,
-manifest, determinism, ``ensure_dataset``), rendered abnormalities that agree with the labels, and reports that state
-exactly the labelled abnormalities."""
+manifest, determinism, ``ensure_dataset``), rendered abnormalities that agree with the labels, reports that state
+exactly the labelled abnormalities, the stage-2 sentences CSVs and the GPT-2-style tokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from input_pipeline import ct_rate, ct_sentences, volumes
+from input_pipeline import ct_rate, ct_sentences, subword, volumes
 from input_pipeline import synthetic_ct as sc
 
 TINY = dict(seed=3, num_train=4, num_val=1, num_test=1, shape=(12, 96, 96), prevalence=0.5, healthy_fraction=0.25)
@@ -107,9 +107,49 @@ def test_manifest_and_readme(dataset):
     labels = np.array([[int(row[n]) for n in ct_rate.ABNORMALITIES] for row in _csv(paths[split]["labels"])[1]])
     assert entry["count"] == len(labels) and entry["healthy"] == int((labels.sum(1) == 0).sum())
     assert entry["prevalence"] == dict(zip(ct_rate.ABNORMALITIES, np.round(labels.mean(0), 4).tolist()))
+    assert entry["sentences"] == paths[split]["sentences"].name
+    assert entry["sentence_rows"] == len(_csv(paths[split]["sentences"])[1]) == labels.sum()
   # round(0.5 * 4) = 2 of the 3 non-healthy train volumes have each rendered abnormality
   assert manifest["splits"]["train"]["prevalence"]["Lung nodule"] == 0.5
+  tokenizer = manifest["tokenizer"]
+  assert tokenizer["folder"] == paths["train"]["tokenizer"].name == "gpt2_tokenizer"
+  assert tokenizer["family"] == "gpt2" and tokenizer["endoftext_id"] == tokenizer["vocab_size"] - 1
   assert "SYNTHETIC" in (dataset / "README.md").read_text() and "NOT PATIENT DATA" in sc.__doc__
+
+
+def test_sentences_csvs(dataset):
+  """One row per label-positive abnormality (every one has a sentence: the reports state each with a lexicon
+  keyword), its text the report's sentence(s) for it; stage 2 reads them as non-empty slots exactly there."""
+  paths = sc.dataset_paths(dataset)
+  for split in sc.SPLITS:
+    header, rows = _csv(paths[split]["sentences"])
+    assert header == list(ct_rate.SENTENCE_COLUMNS)
+    labels = {row["VolumeName"]: row for row in _csv(paths[split]["labels"])[1]}
+    positives = {(name, n) for name, row in labels.items() for n in ct_rate.ABNORMALITIES if row[n] == "1"}
+    assert sorted((r["VolumeName"], r["AbnormalityName"]) for r in rows) == sorted(positives)
+    reports = {row["VolumeName"]: row["Findings_EN"] for row in _csv(paths[split]["reports"])[1]}
+    for r in rows:
+      assert r["Findings_EN"].endswith(".") and r["Findings_EN"].split(". ")[0] in reports[r["VolumeName"]]
+      assert ct_sentences.label_report(r["Findings_EN"])[ct_rate.ABNORMALITIES.index(r["AbnormalityName"])] == 1
+    records = ct_rate.volume_records(paths[split]["volumes"], paths[split]["labels"], paths[split]["sentences"])
+    assert len(records) == len(labels)
+    for record in records:
+      np.testing.assert_array_equal([t != "" for t in record.texts], record.labels == 1)
+
+
+def test_gpt2_tokenizer(dataset):
+  """The saved GPT-2-style tokenizer: <|endoftext|> its last id, a slot of a train sentence → [eot, …, eot]."""
+  paths = sc.dataset_paths(dataset)
+  assert all(paths[split]["tokenizer"] == dataset / "gpt2_tokenizer" for split in sc.SPLITS)
+  tok = subword.load_tokenizer(paths["train"]["tokenizer"])
+  eot = tok.token_to_id(ct_rate.ENDOFTEXT)
+  assert tok.family == "gpt2" and eot == tok.eos_id == tok.vocab_size - 1 and tok.pad_id is None
+  assert 257 < tok.vocab_size <= sc.GPT2_VOCAB_SIZE
+  for row in _csv(paths["test"]["sentences"])[1] + _csv(paths["train"]["sentences"])[1][:3]:
+    cleaned = ct_rate.clean_sentence_text(row["Findings_EN"])
+    ids = ct_rate.encode_slot(tok, ct_rate.ENDOFTEXT + cleaned + ct_rate.ENDOFTEXT)
+    assert ids[0] == ids[-1] == eot and eot not in ids[1:-1] and len(ids) > 2
+    assert ct_rate.decode_sentence(tok, ids) == cleaned.replace(" .", ".")
 
 
 def test_deterministic(dataset, tmp_path):
