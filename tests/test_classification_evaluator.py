@@ -1,5 +1,6 @@
-"""The ``classification`` evaluator (radgen_spec §6.1) against the spec's §15.9 example, hand-computed values and the
-spec's pairwise AUC formula; its pictures; undefined scores as JSON null."""
+"""The ``classification`` evaluator: single-label (radgen_spec §6.1) against the spec's §15.9 example, hand-computed
+values and the spec's pairwise AUC formula; multi-label (ct_agrg_spec §8, ``p > τ``) against a hand-computed example
+and scikit-learn; its pictures; undefined scores as JSON null."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from rrg_jax import evaluate, evaluators, train
+from rrg_jax.models.system import System
 
 
 def _config(names=("Normal", "Pneumonia", "TB")) -> ml_collections.ConfigDict:
@@ -99,9 +101,9 @@ def test_one_class_split_has_no_auc_and_writes_null(tmp_path):
 
 
 def test_inputs_are_checked():
-  with pytest.raises(ValueError, match="single-label class ids labels"):
+  with pytest.raises(ValueError, match="single-label class ids labels"):  # (N, C) labels are multi-label
     evaluators.evaluate(("classification",), evaluators.Predictions(
-        ["a"], [""], [""], {"probs": np.ones((1, 3), np.float32)}, {"labels": np.ones((1, 3), np.float32)}),
+        ["a"], [""], [""], {"probs": np.ones((1, 3), np.float32)}, {"labels": np.ones((1, 2), np.float32)}),
         _config())
   with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
     _score(SPEC_PROBS, [0, 1, 3, 1])
@@ -146,6 +148,8 @@ class _StubSystem:
     del variables
     return {"tokens": np.zeros((len(self._probs), 1), np.int32), "probs": self._probs}
 
+  decode_reports = System.decode_reports
+
 
 class _StubTokenizer:
   def decode_batch(self, ids: list) -> list[str]:
@@ -167,3 +171,114 @@ def test_evaluate_split_writes_the_evaluators_plots(tmp_path):
   assert len(reports) == 4 and scores["macro_auc"] == pytest.approx(0.8125)  # the §15.9 records only
   assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["val_epoch002_confusion.png",
                                                                     "val_epoch002_roc.png"]
+
+
+# --- multi-label (ct_agrg_spec §8: the detector's p > τ against multi-hot labels) ----------------------------------
+
+def _multi(probs, labels) -> evaluators.Predictions:
+  n = len(labels)
+  return evaluators.Predictions([str(i) for i in range(n)], [""] * n, [""] * n,
+                                {"probs": np.asarray(probs, np.float32)}, {"labels": np.asarray(labels, np.float32)})
+
+
+def _multi_config(names, thresholds=None) -> ml_collections.ConfigDict:
+  config = _config(names)
+  if thresholds is not None:
+    config.model.thresholds = tuple(thresholds)
+  return config
+
+
+# Columns a (τ 0.5), "b c" (τ 0.25), d (τ 0.75; no positive label). Ties p = τ are negative (strict p > τ).
+MULTI_PROBS = [(0.75, 0.25, 0.875), (0.5, 0.375, 0.5), (0.25, 0.125, 0.25), (0.625, 0.5, 0.75), (0.125, 0.25, 0.125),
+               (0.875, 0.0625, 0.375)]
+MULTI_LABELS = [(1, 0, 0), (1, 1, 0), (0, 0, 0), (0, 1, 0), (0, 1, 0), (1, 0, 0)]
+
+
+def test_multi_label_hand_computed(caplog):
+  """a: ŷ = (1,0,0,1,0,1) → TP 2, FP 1, FN 1; b c: ŷ = (0,1,0,1,0,0) → TP 2, FN 1; d: ŷ = (1,0,0,0,0,0) → FP 1.
+  AUC a: 8 of 9 pairs; b c: 8.5 of 9 (one tie 0.25 = 0.25); d: no positive → None, logged, left out."""
+  with caplog.at_level(logging.WARNING):
+    s = evaluators.evaluate(("classification",), _multi(MULTI_PROBS, MULTI_LABELS),
+                            _multi_config(("a", "b c", "d"), (0.5, 0.25, 0.75)))
+  assert "AUC of class d is undefined (0 of 6 records are positive)" in caplog.text
+  want = {"precision_a": 2 / 3, "recall_a": 2 / 3, "f1_a": 2 / 3, "precision_b_c": 1.0, "recall_b_c": 2 / 3,
+          "f1_b_c": 0.8, "precision_d": 0.0, "recall_d": 0.0, "f1_d": 0.0, "auc_a": 8 / 9, "auc_b_c": 8.5 / 9,
+          "macro_precision": 5 / 9, "macro_recall": 4 / 9, "macro_f1": 22 / 45, "micro_precision": 2 / 3,
+          "micro_recall": 2 / 3, "micro_f1": 2 / 3, "macro_auc": 11 / 12}
+  for k, v in want.items():
+    assert s[k] == pytest.approx(v, abs=1e-12), k
+  assert s["auc_d"] is None and s["auc_classes_used"] == 2
+  assert (s["support_a"], s["support_b_c"], s["support_d"]) == (3, 3, 0)
+  assert len(s) == len(want) + 5
+  # Without config.model.thresholds every τ is 0.5: "b c" has no p > 0.5 (0.5 itself is a tie) → P = R = F1 = 0.
+  s = evaluators.evaluate(("classification",), _multi(MULTI_PROBS, MULTI_LABELS), _multi_config(("a", "b c", "d")))
+  assert (s["precision_b_c"], s["recall_b_c"], s["f1_b_c"]) == (0.0, 0.0, 0.0) and s["f1_a"] == pytest.approx(2 / 3)
+  assert (s["precision_d"], s["recall_d"]) == (0.0, 0.0)  # 0.875 and 0.75 > 0.5: two false positives
+
+
+def test_multi_label_class_positive_nowhere_is_none():
+  """d: no positive label and no p > τ → precision / recall / F1 None, left out of the macro means."""
+  probs = [row[:2] + (0.5,) for row in MULTI_PROBS]  # d's p = τ everywhere: never decided positive
+  s = evaluators.evaluate(("classification",), _multi(probs, MULTI_LABELS),
+                          _multi_config(("a", "b c", "d"), (0.5, 0.25, 0.5)))
+  assert (s["precision_d"], s["recall_d"], s["f1_d"], s["auc_d"], s["support_d"]) == (None, None, None, None, 0)
+  assert s["macro_precision"] == pytest.approx((2 / 3 + 1) / 2) and s["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+  assert (s["micro_precision"], s["micro_recall"], s["micro_f1"]) == pytest.approx((4 / 5, 4 / 6, 8 / 11))
+  written = json.loads(json.dumps(evaluators.json_row(s), allow_nan=False))
+  assert written["f1_d"] is None and written["auc_d"] is None
+  nothing = evaluators.evaluate(("classification",), _multi(np.zeros((2, 3)), np.zeros((2, 3))),
+                                _multi_config(("a", "b c", "d")))
+  assert math.isnan(nothing["macro_f1"]) and math.isnan(nothing["micro_f1"]) and math.isnan(nothing["macro_auc"])
+
+
+def _random_multi(seed: int, n: int, num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  labels = (rng.random((n, num)) < rng.uniform(0.1, 0.6, num)).astype(np.float32)
+  labels[:, 2] = 0  # a class without positives
+  probs = np.round(np.clip(0.35 * labels + rng.random((n, num)) * 0.7, 0, 1), 2).astype(np.float32)
+  return probs, labels, np.round(rng.uniform(0.2, 0.8, num), 2)
+
+
+def test_multi_label_agrees_with_sklearn():
+  from sklearn import metrics
+
+  probs, labels, tau = _random_multi(1, 80, 6)
+  names = [f"c{i}" for i in range(6)]
+  s = evaluators.evaluate(("classification",), _multi(probs, labels), _multi_config(names, tau))
+  pred = probs > tau.astype(np.float32)
+  precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, pred, average=None,
+                                                                           zero_division=0)
+  defined = [c for c in range(6) if labels[:, c].any() or pred[:, c].any()]
+  for c, name in enumerate(names):
+    assert s[f"support_{name}"] == support[c]
+    if c not in defined:
+      assert s[f"f1_{name}"] is None
+      continue
+    assert (s[f"precision_{name}"], s[f"recall_{name}"], s[f"f1_{name}"]) == pytest.approx(
+        (precision[c], recall[c], f1[c]), abs=1e-12), name
+    if 0 < labels[:, c].sum() < len(labels):
+      assert s[f"auc_{name}"] == pytest.approx(metrics.roc_auc_score(labels[:, c], probs[:, c]), abs=1e-12)
+  assert s["macro_f1"] == pytest.approx(np.mean(f1[defined]), abs=1e-12)
+  assert s["macro_precision"] == pytest.approx(np.mean(precision[defined]), abs=1e-12)
+  micro = metrics.precision_recall_fscore_support(labels, pred, average="micro", zero_division=0)[:3]
+  assert (s["micro_precision"], s["micro_recall"], s["micro_f1"]) == pytest.approx(micro, abs=1e-12)
+
+
+def test_multi_label_inputs_are_checked():
+  with pytest.raises(ValueError, match="must be 0/1"):
+    evaluators.evaluate(("classification",), _multi(MULTI_PROBS, np.full((6, 3), 0.5)), _multi_config("abd"))
+  with pytest.raises(ValueError, match="thresholds must be 3 finite numbers"):
+    evaluators.evaluate(("classification",), _multi(MULTI_PROBS, MULTI_LABELS), _multi_config("abd", (0.5, 0.5)))
+  with pytest.raises(ValueError, match="probs has 3 classes but the config names 2"):
+    evaluators.evaluate(("classification",), _multi(MULTI_PROBS, MULTI_LABELS), _multi_config("ab"))
+
+
+def test_multi_label_roc_png(tmp_path):
+  probs, labels, tau = _random_multi(2, 60, 12)  # > 10 classes: dashed curves, legend beside the axes
+  names = [f"finding {i}" for i in range(12)]
+  paths = evaluators.write_plots(("classification",), _multi(probs, labels), _multi_config(names, tau),
+                                 tmp_path / "plots", "test_")
+  assert [p.name for p in paths] == ["test_roc.png"]
+  with Image.open(paths[0]) as im:
+    assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 500, im.size
+    assert np.asarray(im.convert("L")).std() > 5

@@ -92,4 +92,4 @@ def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
   return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
-from rrg_jax.evaluators import classification, clinical_efficacy, report_text  # noqa: E402,F401
+from rrg_jax.evaluators import classification, clinical_efficacy, ct_clinical_efficacy, report_text  # noqa: E402,F401
