@@ -39,7 +39,9 @@ Sources. ``config.data.source = "folder"`` reads the R2Gen folder ``config.data.
 process; multi-host runs prepare first with ``python -m input_pipeline.tfds_builders``). Both give identical
 examples in annotation order. No TensorFlow is needed.
 
-Records. ``config.data.format = "r2gen"`` reads the R2Gen folder; ``"csv"`` reads the RadGen CSV
+Records. ``config.data.format = "ct_rate"`` reads CT-RATE volumes with their labels and sentence slots
+(``input_pipeline.ct_examples``: batches ``volumes`` float32 (Bl, D, H, W), ``labels`` (Bl, 18), stage 2
+``targets`` int32 / ``masks`` float32 (Bl, 18, T)). ``"r2gen"`` reads the R2Gen folder; ``"csv"`` reads the RadGen CSV
 ``config.data.csv`` with images under ``config.data.image_dir`` (both relative to ``data_dir``; spec §2.1).
 ``config.data.class_map`` gives every record a single-label class id (``records`` module docstring; a CSV's
 default is Normal/Pneumonia/TB). With ``config.data.fold = k >= 0`` the splits are cross-validation folds
@@ -76,13 +78,13 @@ from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
-from input_pipeline import features, records, sampling, subword, transforms
+from input_pipeline import ct_examples, features, records, sampling, subword, transforms
 from input_pipeline.tokenizer import Tokenizer
 
 ReportTokenizer = Tokenizer | subword.SubwordTokenizer
 
 SOURCES = ("folder", "tfds")
-FORMATS = ("r2gen", "csv")
+FORMATS = ("r2gen", "csv", "ct_rate")
 LABEL_MODES = ("multi", "single")
 _DATA_DEFAULTS = common.base_config("").data
 DATA_AXIS = "data"
@@ -227,7 +229,10 @@ def _text(x: Any) -> str:
 
 
 def raw_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
-  """Random-access raw examples of ``split`` (see ``records.FolderSource``), from the configured source."""
+  """Random-access raw examples of ``split`` (see ``records.FolderSource``; CT volumes: ``ct_examples``), from the
+  configured source."""
+  if _check_source(config) == "folder" and _choice(config, "format", FORMATS) == "ct_rate":
+    return ct_examples.volume_source(config, split)
   if _check_source(config) == "folder":
     return records.FolderSource(load_records(config, split))
   builder = _tfds_builder(config)
@@ -242,6 +247,8 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> ReportTokenizer:
   one, ``input_pipeline.subword``), else the vocabulary of the train split (threshold ``config.data.threshold``,
   cleaning ``config.data.clean``)."""
   d = config.data
+  if _choice(config, "format", FORMATS) == "ct_rate":
+    return subword.load_tokenizer(ct_examples.report_tokenizer_path(config))
   if data_option(config, "report_tokenizer"):
     return subword.load_tokenizer(d.report_tokenizer)
   if _check_source(config) == "folder":
@@ -370,6 +377,14 @@ class _Prepare:
     return example
 
 
+def _prepare(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, train: bool):
+  """The example preparation of the configured format: images + report (``_Prepare``) or a CT volume with its
+  labels and sentence slots (``ct_examples.PrepareVolume``)."""
+  if _choice(config, "format", FORMATS) == "ct_rate":
+    return ct_examples.PrepareVolume(config, tokenizer, train)
+  return _Prepare(config, tokenizer, train)
+
+
 def collate(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Stacks examples into a batch dict; ``id`` fields become the host-side ``ids`` list."""
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "id"}
@@ -452,7 +467,7 @@ class _TrainExample:
   ``N`` examples; see the module docstring. ``weights`` float (N,): the weighted sampler's (None = permutation,
   or annotation order without ``shuffle``)."""
 
-  def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, seed: int, global_batch: int,
+  def __init__(self, source: Sequence[dict[str, Any]], prepare: Any, seed: int, global_batch: int,
                local_batch: int, process_index: int, shuffle: bool = True, weights: np.ndarray | None = None,
                drop_last: bool = True):
     self.source, self.prepare, self.seed, self.shuffle, self.weights = source, prepare, int(seed), shuffle, weights
@@ -502,7 +517,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer,
   the weighted sampler's draws with ``config.data.weighted_sampler`` (RadGen)."""
   source = raw_source(config, "train")
   lbs, pi = _local_batch_size(config)
-  fn = _TrainExample(source, _Prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi,
+  fn = _TrainExample(source, _prepare(config, tokenizer, train=True), seed, int(config.train.batch_size), lbs, pi,
                      bool(data_option(config, "shuffle")), _sampler_weights(config, source), _drop_last(config))
   if fn.steps == 0:
     raise ValueError(f"The train split has {len(source)} records, fewer than config.train.batch_size="
@@ -515,7 +530,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer,
 class _EvalExample:
   """Local stream position → prepared example (or a padding row) of the in-order evaluation pass."""
 
-  def __init__(self, source: Sequence[dict[str, Any]], prepare: _Prepare, size: int, global_batch: int,
+  def __init__(self, source: Sequence[dict[str, Any]], prepare: Any, size: int, global_batch: int,
                local_batch: int, process_index: int):
     self.source, self.prepare, self.size = source, prepare, size
     self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
@@ -538,7 +553,7 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: ReportTokenizer, 
   gbs = int(config.train.batch_size)
   lbs, pi = _local_batch_size(config)
   num_batches = -(-size // gbs)
-  fn = _EvalExample(source, _Prepare(config, tokenizer, train=False), size, gbs, lbs, pi)
+  fn = _EvalExample(source, _prepare(config, tokenizer, train=False), size, gbs, lbs, pi)
   ds = grain.MapDataset.range(num_batches * lbs).map(fn).batch(lbs, batch_fn=collate)
   logging.info("Evaluating %d records of split %r in %d batches of %d.", size, split, num_batches, gbs)
   return iter(_maybe_mp(ds.to_iter_dataset(_read_options()), int(config.data.num_workers)))

@@ -90,8 +90,9 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
                    plot_dir: str | pathlib.Path | None = None, plot_prefix: str = ""
                    ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
   """Decodes every valid record of ``batches`` (``input_pipeline.loader.eval_batches``) exactly once with
-  ``system.generate`` and scores them with ``config.eval.evaluators``. References are
-  ``tokenizer.decode(targets[:, 1:])``. Returns ``(scores, reports)`` (a score is None where undefined) with one
+  ``system.generate`` and scores them with ``config.eval.evaluators``. Texts: ``system.decode_reports`` (default:
+  the tokenizer's decode of the generated tokens and of ``targets[:, 1:]``). Returns ``(scores, reports)`` (a score
+  is None where undefined) with one
   report dict per record: ``id``, ``reference``, ``generated`` and, when the system gives class probabilities,
   ``probabilities`` (C,) list. With ``plot_dir``, process 0 also writes the evaluators' pictures there
   (``evaluators.write_plots``, file names starting with ``plot_prefix``)."""
@@ -108,13 +109,14 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
     inputs = loader.to_global_batch(system.device_batch(batch, train=False), mesh)
     out = system.generate(variables, inputs)
     valid = _gather(np.asarray(batch["valid"], bool))
-    tokens = _gather(out["tokens"])[valid]
-    targets = _gather(np.asarray(batch["targets"]))[valid]
-    gens += tokenizer.decode_batch(tokens.tolist())
-    refs += tokenizer.decode_batch(targets[:, 1:].tolist())
+    host_out = {k: _gather(v)[valid] for k, v in out.items() if np.ndim(v) > 0}  # per-row outputs
+    host_batch = {k: _gather(np.asarray(batch[k]))[valid] for k in ("targets", "masks") if k in batch}
+    generated, references = system.decode_reports(tokenizer, host_out, host_batch)
+    gens += generated
+    refs += references
     ids += [i for i, v in zip(_gather_ids(batch["ids"]), valid) if v]
     for k, rows in outputs.items():
-      rows.append(_gather(out[k])[valid].astype(np.float32))
+      rows.append(host_out[k].astype(np.float32))
     for k, rows in fields.items():
       rows.append(_gather(np.asarray(batch[k]))[valid])
   if not refs:
@@ -131,19 +133,26 @@ def evaluate_split(system, variables: Any, tokenizer, batches: Iterable[Mapping[
   return scores, reports
 
 
-def predicted(probs: Mapping[str, float], single_label: bool) -> dict[str, Any]:
-  """What a classifier predicts from {class name: p}: ``{"prediction": the most probable class}`` for a
-  single-label classifier, else ``{"predicted_findings": the classes with p ≥ 0.5}``."""
-  if single_label:
+def predicted(probs: Mapping[str, float], config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the classifier of ``config`` predicts from {class name: p}: ``{"prediction": the most probable class}``
+  for a single-label classifier (``data.label_mode = "single"``), else ``{"predicted_findings": ...}``: the classes
+  with p > τ_c for a system with per-class decision thresholds (``model.thresholds``, CT-AGRG §7.4, strict), else
+  with p ≥ 0.5."""
+  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+
+  if loader.single_label(config):
     return {"prediction": max(probs, key=probs.get)}
+  thresholds = config.model.get("thresholds", None)
+  if thresholds:
+    return {"predicted_findings": [n for (n, p), t in zip(probs.items(), thresholds) if p > t]}
   return {"predicted_findings": [n for n, p in probs.items() if p >= THRESHOLD]}
 
 
-def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]], names: Sequence[str],
-                  single_label: bool = False) -> None:
+def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]],
+                  config: ml_collections.ConfigDict) -> None:
   """``evaluate_split`` reports as JSON lines: ``id``, ``reference``, ``generated`` and, with probabilities,
-  ``probabilities`` {class name: p} and ``predicted_findings`` (the classes with p ≥ 0.5), or with
-  ``single_label`` (one class per study) ``prediction`` (the most probable class)."""
+  ``probabilities`` {class name: p} and what the classifier predicts (``predicted``)."""
+  names = class_names(config)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w") as f:
@@ -151,7 +160,7 @@ def write_reports(path: str | pathlib.Path, reports: Sequence[Mapping[str, Any]]
       row = dict(r)
       if "probabilities" in r:
         probs = dict(zip(names, r["probabilities"]))
-        row.update(probabilities=probs, **predicted(probs, single_label))
+        row.update(probabilities=probs, **predicted(probs, config))
       f.write(json.dumps(row) + "\n")
 
 
@@ -183,7 +192,7 @@ def run(argv: Sequence[str]) -> dict[str, float | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text(json.dumps(
         {"split": args.split, "num_reports": len(reports), **evaluators.json_row(scores)}, indent=2, sort_keys=True))
-    write_reports(out_dir / REPORTS_FILE, reports, class_names(config), loader.single_label(config))
+    write_reports(out_dir / REPORTS_FILE, reports, config)
     print(f"{args.split}: {len(reports)} reports → {out_dir}")
     for k, v in scores.items():
       print(f"  {k:20s} {'undefined' if v is None else f'{v:.4f}'}")

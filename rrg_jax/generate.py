@@ -2,6 +2,13 @@ r"""Generate a report for one study, with its predicted findings and heatmaps.
 
     python -m rrg_jax.generate --checkpoint DIR --image frontal.png [--image lateral.png] [--out OUTDIR] \
         [--json] [--words N] [--config.decode.method=greedy]
+    python -m rrg_jax.generate --checkpoint DIR --volume chest.nii.gz|chest.npz [--out OUTDIR] [--json]
+
+A CT system (``config.data.format = "ct_rate"``, CT-AGRG) takes ``--volume``: a contract ``.npz`` (HU, SLP, 1.5 ×
+0.75 × 0.75 mm; ``input_pipeline.volumes``) or a NIfTI file (reoriented and resampled from its header, slope and
+intercept from its header) → the preprocessed volume; it prints the probability of every abnormality (* = above
+its decision threshold) and the report, and writes ``OUTDIR/montage.png`` (axial and coronal slices with the
+detected abnormalities listed).
 
 ``DIR``: a training workdir (its best model) or an inference checkpoint of any registered system. Give exactly
 ``config.data.num_views`` images (2 for IU X-Ray models: the two views in dataset order). Images are preprocessed
@@ -39,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m rrg_jax.generate", description=__doc__.split("\n\n")[0],
                               epilog="Any --config.KEY=VALUE overrides a key of the checkpoint's config.")
   p.add_argument("--checkpoint", required=True, help="training workdir or inference checkpoint directory")
-  p.add_argument("--image", action="append", required=True, help="an image file; repeat once per view")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--image", action="append", help="an image file; repeat once per view")
+  source.add_argument("--volume", help="a CT volume: contract .npz or NIfTI (.nii / .nii.gz), for CT systems")
   p.add_argument("--out", default="generated", help="directory for the heatmap PNGs (default: ./generated)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.add_argument("--words", type=int, default=4, help="number of words with attention heatmaps (0: none)")
@@ -106,19 +115,24 @@ def load_views(paths: Sequence[str], num_views: int):
 
 def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[str, Any]:
   """Parsed CLI arguments (+ ``--config.*`` overrides) → the result object (what ``--json`` prints)."""
-  from input_pipeline import loader, transforms  # pylint: disable=g-import-not-at-top
+  from input_pipeline import transforms  # pylint: disable=g-import-not-at-top
 
   if args.words < 0:
     raise UserError(f"--words must be >= 0, got {args.words}.")
   system, variables, tokenizer = cli.load_checkpoint(args.checkpoint, overrides)
   d = system.config.data
+  if (d.get("format", "") == "ct_rate") != bool(args.volume):
+    raise UserError(f"The {system.name} model of {args.checkpoint} takes "
+                    + ("--volume (a CT volume)." if args.volume is None else "--image (X-ray views), not --volume."))
+  if args.volume:
+    return generate_from_volume(system, variables, tokenizer, args.volume, pathlib.Path(args.out))
   views = load_views(args.image, int(d.num_views))
   size = int(d.image_size)
   images = transforms.transform_views(views, None, train=False, augment=d.augment, resize=int(d.resize),
                                       image_size=size)
   extra, box_set = feature_inputs(system.config, tokenizer, views[0], args.image[0], args.boxes)
   out = jax.device_get(system.generate(variables, {"images": images[None], **extra}, with_attention=True))
-  report = tokenizer.decode(out["tokens"][0].tolist())
+  report = system.decode_reports(tokenizer, out, {})[0][0]
   words = report.split()
   shown = [v.convert("RGB").resize((size, size)) for v in views]  # what the model saw (squashed)
   out_dir = pathlib.Path(args.out)
@@ -142,8 +156,43 @@ def generate(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[st
   if "probs" in out:
     probs = {n: float(p) for n, p in zip(evaluate.class_names(system.config), out["probs"][0])}
     result["findings"] = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
-    result.update(evaluate.predicted(probs, loader.single_label(system.config)))
+    result.update(evaluate.predicted(probs, system.config))
   return {**result, "heatmap_words": [words[i] for i in positions], "heatmaps": files}
+
+
+def load_volume(path: str):
+  """A CT file → its contract array (float32 HU, SLP, 1.5 × 0.75 × 0.75 mm): ``.npz`` read and checked, NIfTI
+  converted from its header (``input_pipeline.volumes``); ``UserError`` naming the file otherwise."""
+  from input_pipeline import records, volumes  # pylint: disable=g-import-not-at-top
+
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise UserError(f"Volume {p} not found.")
+  try:
+    if p.name.endswith((".nii", ".nii.gz")):
+      return volumes.nifti_to_contract(p)
+    if p.suffix == ".npz":
+      return volumes.load_contract_volume(p)
+  except records.DataError as e:
+    raise UserError(str(e)) from None
+  raise UserError(f"Volume {p}: expected a contract .npz or a NIfTI .nii / .nii.gz file.")
+
+
+def generate_from_volume(system, variables, tokenizer, path: str, out_dir: pathlib.Path) -> dict[str, Any]:
+  """One CT volume → ``{"report", "findings" {abnormality: p}, "predicted_findings", "heatmaps"}`` (montage.png)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from input_pipeline import volumes  # pylint: disable=g-import-not-at-top
+
+  config = system.config
+  hu = load_volume(path)
+  x = volumes.preprocess(hu, tuple(int(n) for n in config.data.volume_shape))
+  out = jax.device_get(system.generate(variables, {"volumes": x[None]}))
+  report = system.decode_reports(tokenizer, out, {})[0][0]
+  probs = {n: float(p) for n, p in zip(evaluate.class_names(config), np.asarray(out["probs"][0]))}
+  result = {"report": report, "findings": probs, **evaluate.predicted(probs, config)}
+  detected = [(n, probs[n]) for n in result["predicted_findings"]]
+  montage = heatmaps.save_ct_montage(hu, out_dir / "montage.png", findings=detected, title=pathlib.Path(path).name)
+  return {**result, "heatmap_words": [], "heatmaps": {"montage": str(montage)}}
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -155,9 +204,9 @@ def _print(result: dict[str, Any]) -> None:
     for name, p in result["findings"].items():
       print(f"  {'*' if name == result['prediction'] else ' '} {name:32s} {p:.3f}")
   elif "findings" in result:
-    print("Findings (classifier probability; * = predicted, p >= 0.5):")
+    print("Findings (classifier probability; * = predicted):")
     for name, p in result["findings"].items():
-      print(f"  {'*' if p >= evaluate.THRESHOLD else ' '} {name:32s} {p:.3f}")
+      print(f"  {'*' if name in result['predicted_findings'] else ' '} {name:32s} {p:.3f}")
   print("Heatmaps:")
   for kind, path in result["heatmaps"].items():
     print(f"  {kind}: {path}")

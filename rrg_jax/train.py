@@ -70,13 +70,13 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 def selection_score(row: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
   """``Σ weight · row[key]`` over ``config.train.selection`` (CAMANet: ``val_BLEU_4 + 0.5 · val_BLEU_1``, R2Gen:
-  ``val_BLEU_4``, RadGen: ``val_macro_auc``). An undefined score (None, e.g. the AUC of a class absent from the
-  split) makes it NaN, which never improves (radgen_spec §5.4)."""
+  ``val_BLEU_4``, RadGen: ``val_macro_auc``; a weight 0 leaves its key out). An undefined score (None, e.g. the AUC
+  of a class absent from the split) makes it NaN, which never improves (radgen_spec §5.4)."""
   missing = [k for k in weights if k not in row]
   if missing:
     raise ValueError(f"config.train.selection uses {missing}, which the epoch's scores do not have (they have "
                      f"{sorted(k for k in row if k.startswith(('val_', 'test_')))}).")
-  return float(sum(float(w) * (math.nan if row[k] is None else float(row[k])) for k, w in weights.items()))
+  return float(sum(float(w) * (math.nan if row[k] is None else float(row[k])) for k, w in weights.items() if w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                     plot_prefix=f"{split}_epoch{epoch + 1:03d}_")
           row.update({f"{split}_{k}": None if v is None else float(v) for k, v in scores.items()})
           if main:
-            evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports,
-                                   evaluate.class_names(config), loader.single_label(config))
+            evaluate.write_reports(workdir / REPORTS_DIR / f"{split}_epoch{epoch + 1:03d}.jsonl", reports, config)
         progress = dataclasses.replace(progress, epoch=epoch + 1, batches_done=0, loss_sums={}, loss_steps=0)
         if any(k.startswith("val_") for k in row):
           progress, improved = _select(progress, row, config.train)
@@ -389,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 # --- evaluation protocols -----------------------------------------------------------------------------------
 
-PROTOCOLS = ("single", "cv", "cv_inner_val")
+PROTOCOLS = ("single", "cv", "cv_inner_val", "stages")
 CV_METRICS_FILE = "cv_metrics.json"
 
 
@@ -416,20 +415,55 @@ def cv_summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
+def stage_config(config: ml_collections.ConfigDict, stage: str, earlier: Mapping[str, Any] = ()
+                 ) -> ml_collections.ConfigDict:
+  """The config of ``stage`` of a staged run: ``config`` (without ``stages``) with ``config.stages[stage]``'s nested
+  keys set on it, then the ``earlier`` stages' outputs (``System.after_stage``: dotted key → value) — every key must
+  exist in the base config (a misspelt override is an error, as on the command line)."""
+  out = config.copy_and_resolve_references()
+  overrides = out.stages[stage]
+  with out.unlocked():
+    del out["stages"]
+
+  def apply(node: ml_collections.ConfigDict, values: Mapping[str, Any], path: str) -> None:
+    for key, value in values.items():
+      if key not in node:
+        raise ValueError(f"config.stages.{stage}.{path}{key}: no such key in the config.")
+      if isinstance(value, (ml_collections.ConfigDict, dict)) and isinstance(node[key], ml_collections.ConfigDict):
+        apply(node[key], value, f"{path}{key}.")
+      else:
+        node[key] = value
+
+  apply(out, overrides, "")
+  for dotted, value in dict(earlier).items():
+    node = out
+    *path, leaf = dotted.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return out
+
+
 def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Progress:
   """``config.eval.protocol``: ``single`` trains once on the configured splits (with ``data.fold = k``: train on
   the other folds, select and report on fold k — radgen_spec §7's ``single_fold`` with k = 4); ``cv`` runs every
   fold k = 0..``data.num_folds``−1 in turn in ``WORKDIR/fold_k/`` (each resumable: the same command continues the
   unfinished fold) and writes the per-fold best-epoch val scores with their mean ± std to
   ``WORKDIR/cv_metrics.json``; ``cv_inner_val`` does the same with fold k + 1 as the early-stopping (val) fold and
-  reports fold k's test scores of the best epoch (``data.inner_val``). Returns the last fold's progress (not done
-  after a SIGTERM)."""
+  reports fold k's test scores of the best epoch (``data.inner_val``); ``stages`` trains the stages
+  ``config.train.stages`` in order (CT-AGRG: pretrain → stage1 → stage2; ``config.stages.<s>`` their overrides),
+  stage s in ``WORKDIR/<s>/`` with ``stage_config``, each started from the previous stage's best model
+  (``train.init_from.checkpoint``; which parameters: the stage's ``train.init_from.take``) and given the previous
+  stages' ``System.after_stage`` outputs (e.g. decision thresholds); each resumable, a finished stage is skipped.
+  Returns the last fold's / stage's progress (not done after a SIGTERM)."""
   protocol = config.eval.get("protocol", "single")
   if protocol not in PROTOCOLS:
     raise ValueError(f"config.eval.protocol={protocol!r}; choose one of {PROTOCOLS}.")
   workdir = pathlib.Path(workdir).absolute()
   if protocol == "single":
     return train_and_evaluate(config, workdir)
+  if protocol == "stages":
+    return _run_stages(config, workdir)
   inner = protocol == "cv_inner_val"
   reported = "test_" if inner else "val_"
   folds = []
@@ -451,6 +485,25 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     summary = cv_summary(folds)
     (workdir / CV_METRICS_FILE).write_text(json.dumps({"protocol": protocol, **summary}, indent=1, sort_keys=True))
     logging.info("Cross-validation: %s", json.dumps({k: summary["mean"][k] for k in sorted(summary["mean"])}))
+  return progress
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Progress:
+  from rrg_jax import models  # pylint: disable=g-import-not-at-top
+
+  outputs: dict[str, Any] = {}
+  previous = None
+  for stage in config.train.stages:
+    stage_dir = workdir / stage
+    cfg = stage_config(config, stage, outputs)
+    if previous is not None and cfg.train.init_from.take:
+      cfg.train.init_from.checkpoint = str(previous)
+    logging.info("Stage %s in %s", stage, stage_dir)
+    progress = train_and_evaluate(cfg, stage_dir)
+    if not progress.done(cfg):
+      return progress
+    outputs.update(models.get_system(cfg).after_stage(stage_dir))
+    previous = stage_dir
   return progress
 
 

@@ -568,3 +568,21 @@ def test_staged_training_starts_from_a_checkpoint_with_a_frozen_group(tmp_path):
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state["params"]["encoder_decoder"]),
                                                           jax.tree.leaves(stage1["params"]["encoder_decoder"])))
   assert moved > 1e-5  # the unfrozen group trained (and started from a different init than stage 1's)
+
+
+def test_stage_configs_of_a_staged_run():
+  """``eval.protocol = "stages"``: each stage's config is the base config with ``config.stages.<stage>`` set on it
+  (nested keys; an unknown key is an error) and the earlier stages' hand-over values; ``stages`` itself is gone."""
+  from configs import ct_agrg  # pylint: disable=g-import-not-at-top
+
+  c = ct_agrg.get_config("synthetic")
+  pre = train.stage_config(c, "pretrain")
+  assert (pre.model.stage, pre.optim.lr_all, pre.train.init_from.take) == ("pretrain", 1e-3, ())
+  assert pre.data.splits.train.sentences == "" and pre.eval.evaluators == ("classification",) and "stages" not in pre
+  stage2 = train.stage_config(c, "stage2", {"model.thresholds": (0.25,) * 18})
+  assert stage2.model.thresholds == (0.25,) * 18 and stage2.train.init_from.take == ("visual_encoder=",)
+  assert stage2.data.splits.train.sentences == "train_sentences.csv" and c.model.thresholds == (0.5,) * 18
+  assert train.selection_score({"epoch": 3, "val_macro_auc": None}, dict(stage2.train.selection)) == 3.0
+  c.stages.stage1.optim.lr_typo = 1.0
+  with pytest.raises(ValueError, match="config.stages.stage1.optim.lr_typo: no such key"):
+    train.stage_config(c, "stage1")

@@ -16,6 +16,8 @@ encoder's vocabulary size read from its tokenizer file) — ``train`` writes the
 ``round_trip_fields``,     batch fields that depend on the current parameters through host code (e.g. a report
 ``round_trip(...)``        generated on device, re-tokenised on the host): the train loop runs ``round_trip``
                            between two compiled programs and adds its fields to the batch (default: none)
+``after_stage(workdir)``   a staged run's hand-over to the next stage (config values, e.g. thresholds)
+``decode_reports(...)``    token outputs → report texts (generated, reference); default: the tokenizer's decode
 ``generate(...)``          decoding (``EncoderDecoderSystem``: ``module.encode(*encode_fields)`` → cache → step
                            beam search) and the report extras (``report_outputs``: e.g. class probabilities, VDM)
 ``torch_vocab_key``,       the checkpoint converter: the key whose first dimension is the vocabulary, regex
@@ -208,6 +210,24 @@ class System:
     """Eval-mode reports for the device fields of ``batch`` → ``tokens`` (B, T) int32 (text =
     ``tokenizer.decode``), ``scores`` (B,), ``steps`` () and the ``report_outputs`` (per-report arrays)."""
     raise NotImplementedError(f"{type(self).__name__}.generate")
+
+  def decode_reports(self, tokenizer: Any, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]
+                     ) -> tuple[list[str], list[str]]:
+    """Host arrays of ``generate``'s ``outputs`` and of the batch → (generated reports, reference reports), one per
+    row: ``tokenizer.decode`` of ``outputs["tokens"]`` and of ``batch["targets"][:, 1:]`` (the start token
+    dropped; "" without targets, e.g. in ``generate``). A system whose reports are assembled from several decoded
+    pieces (CT-AGRG) overrides it."""
+    generated = tokenizer.decode_batch(np.asarray(outputs["tokens"]).tolist())
+    if "targets" not in batch:
+      return generated, [""] * len(generated)
+    return generated, tokenizer.decode_batch(np.asarray(batch["targets"])[:, 1:].tolist())
+
+  def after_stage(self, workdir: Any) -> dict[str, Any]:
+    """Once this system's stage of a staged run (``eval.protocol = "stages"``) has finished in ``workdir``: config
+    values (dotted key → value) that the later stages take, e.g. decision thresholds chosen on validation; none by
+    default."""
+    del workdir
+    return {}
 
   # --- checkpoint conversion ----------------------------------------------------------------------------------
 
