@@ -5,7 +5,9 @@ Usage: ``--config=configs/ct_agrg.py`` (``synthetic``) or ``--config=configs/ct_
   synthetic_ct``; phantoms, not patient data) at 48 × 192 × 192 with small widths: pre-training → stage 1 →
   stage 2 in one command (``eval.protocol = "stages"``, ``WORKDIR/<stage>/`` each, resumable), then the per-
   abnormality F1 / AUC of the detector, report metrics and the rule labeler's clinical efficacy.
-* ``pretrain``, ``stage1``, ``stage2``: the original scripts' recipes (§1, §4, §5, §6.5) on CT-RATE contract files
+* ``ct_rate``: the three stages in one command (as ``synthetic``) at full size with the original recipes, on CT-RATE
+  contract files (below).
+* ``pretrain``, ``stage1``, ``stage2``: each stage alone, the original scripts' recipes (§1, §4, §5, §6.5) on CT-RATE contract files
   (``--config.data.data_dir``, ``data.splits``; ``input_pipeline.ct_prepare`` writes them from NIfTI), full size
   (240 × 480 × 480, ResNet-18, GPT-2 medium from ``model.gpt2_pretrained``, a local healx/gpt-2-pubmed-medium
   folder, also ``data.report_tokenizer``). Each stage starts from the previous one with ``train.init_from``;
@@ -24,7 +26,7 @@ import ml_collections
 from configs import common
 from input_pipeline import ct_rate
 
-PRESETS = ("synthetic", "pretrain", "stage1", "stage2", "inference", "tiny")
+PRESETS = ("synthetic", "ct_rate", "pretrain", "stage1", "stage2", "inference", "tiny")
 STAGES = ("pretrain", "stage1", "stage2")
 FULL_VOLUME = (240, 480, 480)
 SYNTHETIC_VOLUME = (48, 192, 192)
@@ -97,8 +99,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   d.format = "ct_rate"
   d.data_dir = ""                       # "" = the embedded SYNTHETIC set (input_pipeline.ct_examples)
   d.labels = ""
+  d.class_names = ct_rate.ABNORMALITIES  # the 18 outputs' names (§2.5), for scores and reports
   d.splits = _splits(sentences=True)
   d.volume_shape = SYNTHETIC_VOLUME if synthetic else FULL_VOLUME
+  d.synthetic_sizes = (96, 24, 24)      # (train, val, test) volumes of the synthetic set (data_dir "")
   d.max_seq_length = 60                 # §2.6: tokenizer truncation and generation max_length
   d.report_tokenizer = ""               # GPT-2 files (healx); "" with the synthetic set = its own trained BPE
   d.shuffle = False                     # §2.1: no loader shuffles (sorted file order)
@@ -128,7 +132,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   m.head_grad_factor = 2.0              # stage 1: 2 (code's double backward) | 1
   m.thresholds = (0.5,) * len(ct_rate.ABNORMALITIES)  # τ (§7.4); a staged run sets stage 1's best-F1 ones
   m.thresholds_file = ""                # §7.4 JSON (the released thresholds.json) read at start-up when given
-  m.eos_token_id = ct_rate.ENDOFTEXT_ID
+  m.eos_token_id = -1                   # <|endoftext|>; −1 = the last id of the vocabulary (GPT-2: 50256)
   m.remat = False
   m.dtype = "float32"
 
@@ -169,6 +173,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.eval.evaluators = ("classification", "report_text", "ct_clinical_efficacy")
   c.eval.protocol = "single"
   c.decode.beam_size = 4
+  c.decode.beam_scorer = "v4"  # transformers 4.x BeamSearchScorer (the code's, §7.1) | v5
   c.decode.method = "beam"
 
   c.stages = ml_collections.ConfigDict({s: _stage(s, synthetic=synthetic) for s in STAGES})
@@ -176,6 +181,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     _apply(c, c.stages[preset])
   if preset == "inference":
     t.eval_splits = ("test",)
+  if preset == "ct_rate":
+    c.eval.protocol = "stages"
   if synthetic:
     _synthetic(c, tiny=preset == "tiny")
   return c
@@ -202,5 +209,6 @@ def _synthetic(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
   c.eval.protocol = "stages"
   if tiny:
     c.data.volume_shape = (12, 192, 192)
+    c.data.synthetic_sizes = (16, 8, 8)
     for s in STAGES:
       c.stages[s].train.epochs = 1

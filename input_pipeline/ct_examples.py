@@ -2,7 +2,8 @@
 
 ``data_root(config)``: ``config.data.data_dir``, or — when it is empty — the embedded **SYNTHETIC** chest-CT set
 (``input_pipeline.synthetic_ct``), generated once (deterministically, ~20 s) into
-``$RRG_JAX_DATA/synthetic_ct`` (default ``~/.cache/rrg_jax/synthetic_ct``) at ``config.data.volume_shape``.
+``$RRG_JAX_DATA/synthetic_ct`` (default ``~/.cache/rrg_jax/synthetic_ct``) at ``config.data.volume_shape`` with
+``config.data.synthetic_sizes`` (train, val, test) volumes (another shape or size regenerates it).
 ``config.data.splits`` names each split's files relative to that root: ``{split: {"volumes": folder, "labels":
 CSV, "sentences": CSV or ""}}`` (CT-RATE has no test split: the configs use CT-RATE validation as test and carve
 val out of train, §2.1).
@@ -42,7 +43,9 @@ def data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
   d = config.data
   if d.data_dir:
     return records.resolve_data_dir(d.data_dir)
-  return synthetic_ct.ensure_dataset(synthetic_root(), shape=tuple(int(n) for n in d.volume_shape))
+  num_train, num_val, num_test = (int(n) for n in d.synthetic_sizes)
+  return synthetic_ct.ensure_dataset(synthetic_root(), shape=tuple(int(n) for n in d.volume_shape),
+                                     num_train=num_train, num_val=num_val, num_test=num_test)
 
 
 def report_tokenizer_path(config: ml_collections.ConfigDict) -> str:

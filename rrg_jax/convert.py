@@ -332,7 +332,7 @@ def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
                             "pass --annotation PATH (or --config.data.report_tokenizer=DIR for a subword one).")
     tokenizer = build_tokenizer(annotation, config)
     where = f"the vocabulary built from {annotation} (threshold {config.data.threshold})"
-  if tokenizer.vocab_size != vocab_size:
+  if vocab_size >= 0 and tokenizer.vocab_size != vocab_size:  # −1: a checkpoint without text (a CT-AGRG stage 0/1)
     raise ConversionError(f"{torch_path} has {vocab_size} output classes but {where} has {tokenizer.vocab_size}.")
   config.model.vocab_size = vocab_size
   variables = models.get_system(config).torch_to_variables(state_dict, str(torch_path))

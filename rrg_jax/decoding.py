@@ -257,6 +257,28 @@ def encode_and_decode(model: nn.Module, variables: Any, inputs: tuple[jax.Array,
 #      hit (max_length). There is no separate finalisation: at the last step every top-K candidate hits and is
 #      scored with ℓ = max_length − L0. Output: the best held hypothesis (its EOS included), its score (HF's
 #      ``sequences_scores``) and its length; the buffer is filled with ``pad_token_id`` after it.
+# Beam search with ``scorer="v4"``: RGRG's loop over the 4.x ``BeamSearchScorer`` (4.36.0–4.57.x, no
+# ``decoder_prompt_len``), step at current length c — step 1 and the processors as above (top (1 + n_eos)·K, ≥ 2K), then
+#   2'. the candidates are scanned in rank order: a non-EOS one becomes the next running beam until K are filled
+#      (so the running beams are the first K non-EOS candidates, max length is no "hit"); an EOS candidate of rank
+#      < K, while the image is not done, is added (``BeamHypotheses.add``) as a hypothesis with score
+#      ``cand / ℓ^length_penalty``, ℓ = c + 1 = the whole sequence with the prompt / BOS and the EOS (one more than
+#      5.23 for a one-token start); EOS candidates of rank ≥ K are dropped.
+#   3'. add: while fewer than K are held it enters; then only if strictly better than the worst held one, which
+#      leaves (the earliest added among equal worst scores); the list keeps the insertion order.
+#   4'. done (per image, never undone; a done image adds nothing more) once K are held and (early_stopping=True)
+#      always, (False) ``worst held ≥ cand[0] / (c + 1)^α`` with cand[0] the best *raw* candidate of the step, EOS
+#      candidates included, ("never") the same with ``max_length^α`` when α > 0.
+#   5'. stop when every image is done or c + 1 = max_length; then an image not done adds its K running beams, in
+#      beam order, with score ``running_score / max_length^α`` (their length: no EOS). Output: the best held
+#      hypothesis, the latest added among equal scores (``sorted(...).pop()``), with its EOS (as 4.x ``finalize``
+#      appends it) unless it ran to max_length, then ``pad_token_id``; its score (4.x ``sequence_scores``).
+#   Exact ties: candidates of equal score are ranked by flat index here (``jax.lax.top_k``), by ``torch.topk``'s
+#   (unspecified) order in HF, which then decides the order of hypotheses added in the same step.
+#   4.x computes the hypothesis scores and the done test in Python floats (float64) from the float32 sums; here
+#   they are float32 quotients (the same value rounded; the returned score is float32 in 4.x too), so two
+#   hypotheses whose float64 scores differ by less than a float32 rounding compare equal here, and with α ∉ {0, 1}
+#   the divisor is ℓ^α rounded to float32.
 # Processors, in HF's order: no-repeat-n-gram (a token completing an n-gram already in the row's sequence,
 # prompt / decoder start included, gets −inf), min-length (EOS −inf while c < min_length; c counts the prompt),
 # forced BOS (c == 1: all but ``forced_bos_token_id`` −inf, that one 0), forced EOS (c == max_length − 1: all
@@ -271,14 +293,15 @@ def encode_and_decode(model: nn.Module, variables: Any, inputs: tuple[jax.Array,
 #     tokens without the EOS — the same number for a one-token decoder start (BART), L0 − 1 more for a
 #     decoder-only prompt of L0 tokens. RGRG/CT-AGRG call ``BeamSearchScorer.process`` without
 #     ``decoder_prompt_len`` (default 0): ℓ = length incl. BOS + 1 (BOS and EOS counted), one more than 5.23
-#     ``generate`` for the same one-token BOS prompt (ct_agrg_spec §7.1). Not emulated here.
+#     ``generate`` for the same one-token BOS prompt (ct_agrg_spec §7.1): ``scorer="v4"``.
 #   * Done rule. 4.x ``BeamHypotheses.is_done`` compares the worst held score with the best *raw candidate*
 #     of the step (EOS candidates included) / ℓ^α; 5.23 uses the best *running* beam (after the EOS candidates
 #     left) / ℓ*^α. early_stopping=True: closed at K hypotheses in both.
 #   * Finalisation. 4.x ``finalize`` adds the K running beams of an open image with score S / (max_length − L0)
 #     (running beams = best non-EOS candidates of the last step, of any rank); 5.23 closes the candidates of
 #     rank < K of the last step (EOS or not) with the same divisor; the best of them is the same (ties aside),
-#     but the done-rule difference above can change which hypotheses are held by then.
+#     but the done-rule difference above can change which hypotheses are held by then. The done rule and the
+#     finalisation of 4.x: ``scorer="v4"`` (which also keeps L0 = 0 there, as RGRG).
 #   * Padding. 5.23 beam search fills with ``pad_token_id or eos_token_id`` (a pad id of 0 is falsy: EOS is used);
 #     here the fill is always ``pad_token_id`` (greedy uses pad_token_id in both). HF also crops the batch to
 #     its longest output; here the buffer has ``max_length`` columns and ``lengths`` tells where each ends.
@@ -289,6 +312,7 @@ def encode_and_decode(model: nn.Module, variables: Any, inputs: tuple[jax.Array,
 #     the passed GenerationConfig from ``model.generation_config``. These functions have no hidden defaults.
 
 HF_BEAM_OFFSET = -1.0e9  # HF's "very large negative" score offset (initial beams, hits, closed images)
+HF_BEAM_SCORERS = ("v5", "v4")  # hf_beam_search(scorer=...): transformers 5.x generate | 4.x BeamSearchScorer
 
 
 class HFDecoded(NamedTuple):
@@ -387,7 +411,8 @@ def _ban_repeated_ngrams(scores: jax.Array, seqs: jax.Array, cur_len: jax.Array,
 class _HFBeamCarry:
   """``cur_len`` (); running beams ``running_seqs`` (B, K, L), ``running_scores`` (B, K); held hypotheses
   ``seqs`` (B, K, L), ``scores`` (B, K) (sorted, −1e9 placeholders), ``finished`` (B, K), ``lengths`` (B, K);
-  ``open_`` (B,) the early-stop heuristic is unsatisfied; ``done`` () the loop is over."""
+  ``open_`` (B,) the early-stop heuristic is unsatisfied; ``done`` () the loop is over. ``scorer="v4"``: the held
+  hypotheses in insertion order (``finished``: slots 0..n−1), ``open_`` = not done."""
   cur_len: jax.Array
   running_seqs: jax.Array
   running_scores: jax.Array
@@ -408,19 +433,28 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _hf_beam_select(carry: _HFBeamCarry, logp: jax.Array, *, num_beams: int, n_keep: int, eos: tuple[int, ...],
-                    max_length: int, prompt_len: int, divisors: jax.Array, length_penalty: float,
-                    early_stopping: bool | str) -> tuple[_HFBeamCarry, jax.Array]:
-  """One 5.23 beam step: processed log-probs (B, K, V) → (new carry, parent beam of each running beam (B, K))."""
+def _hf_candidates(carry: _HFBeamCarry, logp: jax.Array, n_keep: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The top ``n_keep`` continuations (both scorers): processed log-probs (B, K, V) → candidate scores (B, K')
+  (sorted, descending; the lowest flat index first among equal values), source beam (B, K'),
+  token (B, K') and sequence (B, K', L) (the token written at ``cur_len``)."""
   b, k, v = logp.shape
-  c = carry.cur_len
-  length = carry.running_seqs.shape[-1]
-  # c. top-K' continuations
   acc = (logp + carry.running_scores[:, :, None]).reshape(b, k * v)
   cand, flat = jax.lax.top_k(acc, n_keep)
   parent, tok = flat // v, (flat % v).astype(jnp.int32)
   cand_seqs = _gather(carry.running_seqs, parent)
-  cand_seqs = jnp.where(jnp.arange(length) == c, tok[..., None], cand_seqs)
+  cand_seqs = jnp.where(jnp.arange(cand_seqs.shape[-1]) == carry.cur_len, tok[..., None], cand_seqs)
+  return cand, parent, tok, cand_seqs
+
+
+def _hf_beam_select(carry: _HFBeamCarry, logp: jax.Array, *, num_beams: int, n_keep: int, eos: tuple[int, ...],
+                    max_length: int, prompt_len: int, divisors: jax.Array, length_penalty: float,
+                    early_stopping: bool | str) -> tuple[_HFBeamCarry, jax.Array]:
+  """One 5.23 beam step: processed log-probs (B, K, V) → (new carry, parent beam of each running beam (B, K))."""
+  b = logp.shape[0]
+  c = carry.cur_len
+  # c. top-K' continuations
+  cand, parent, tok, cand_seqs = _hf_candidates(carry, logp, n_keep)
   # d. stopping criteria (max length, EOS)
   hits = _isin(tok, eos) | (c + 1 >= max_length)
   # e. running beams
@@ -459,6 +493,71 @@ def _hf_beam_select(carry: _HFBeamCarry, logp: jax.Array, *, num_beams: int, n_k
   return carry, running_parent
 
 
+def _hf_v4_add(carry: _HFBeamCarry, seq: jax.Array, total: jax.Array, length: jax.Array | int,
+               divisor: jax.Array, add: jax.Array) -> _HFBeamCarry:
+  """4.x ``BeamHypotheses.add`` where ``add`` (B,): the hypothesis ``seq`` (B, L) of summed log-probs ``total``
+  (B,) and ``length`` tokens, score ``total / divisor``. The held list is kept in insertion order (slots
+  0..n−1 valid, ``finished``); it enters while n < K, else only if strictly better than the worst held one, which
+  then leaves (the earliest added among equal worst scores, as HF's ``sorted((score, index))``); the later ones
+  move up a slot and the new one takes the last."""
+  b, k = carry.scores.shape
+  score = total / divisor
+  n = jnp.sum(carry.finished, axis=1)
+  full = n == k
+  masked = jnp.where(carry.finished, carry.scores, jnp.inf)
+  accept = add & (~full | (score > jnp.min(masked, axis=1)))
+  slot = jnp.arange(k)[None]
+  evict = jnp.argmin(masked, axis=1)[:, None]  # first of the equal minima
+  src = jnp.where(accept[:, None] & full[:, None], jnp.minimum(slot + (slot >= evict), k - 1), slot)
+  put = accept[:, None] & (slot == jnp.where(full, k - 1, n)[:, None])
+
+  def place(held, new):
+    return jnp.where(put.reshape(put.shape + (1,) * (held.ndim - 2)), new[:, None], _gather(held, src))
+
+  return dataclasses.replace(
+      carry, seqs=place(carry.seqs, seq), scores=place(carry.scores, score),
+      finished=place(carry.finished, jnp.ones((b,), bool)),
+      lengths=place(carry.lengths, jnp.broadcast_to(length, (b,)).astype(jnp.int32)))
+
+
+def _hf_v4_select(carry: _HFBeamCarry, logp: jax.Array, *, num_beams: int, n_keep: int, eos: tuple[int, ...],
+                  max_length: int, divisors: jax.Array, length_penalty: float, early_stopping: bool | str
+                  ) -> tuple[_HFBeamCarry, jax.Array]:
+  """One 4.x ``BeamSearchScorer.process`` step (``decoder_prompt_len`` 0): processed log-probs (B, K, V) → (new
+  carry, parent beam of each running beam (B, K)); ``open_`` = not ``_done``."""
+  c = carry.cur_len
+  cand, parent, tok, cand_seqs = _hf_candidates(carry, logp, n_keep)
+  is_eos = _isin(tok, eos)
+  # Running beams: the first K non-EOS candidates in rank order (n_keep ≥ (1 + n_eos)·K leaves at least K).
+  nxt = jnp.argsort(is_eos, axis=1, stable=True)[:, :num_beams]
+  # Hypotheses: the EOS candidates of rank < K, one by one in rank order, while the image is not done.
+  for r in range(num_beams):
+    carry = _hf_v4_add(carry, cand_seqs[:, r], cand[:, r], c + 1, divisors[c + 1], is_eos[:, r] & carry.open_)
+  if early_stopping is True:
+    done = jnp.ones_like(carry.open_)
+  else:
+    hypothetical = max_length if early_stopping == "never" and length_penalty > 0.0 else c + 1
+    worst = jnp.min(jnp.where(carry.finished, carry.scores, jnp.inf), axis=1)
+    done = worst >= cand[:, 0] / divisors[hypothetical]
+  open_ = carry.open_ & ~(jnp.all(carry.finished, axis=1) & done)
+  carry = dataclasses.replace(
+      carry, cur_len=c + 1, running_seqs=_gather(cand_seqs, nxt), running_scores=_gather(cand, nxt), open_=open_,
+      done=~jnp.any(open_) | (c + 1 >= max_length))
+  return carry, _gather(parent, nxt)
+
+
+def _hf_v4_finalize(carry: _HFBeamCarry, divisors: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """4.x ``BeamSearchScorer.finalize``: an image not done adds its K running beams in beam order (score S / ℓ^α,
+  ℓ the running length); the output is the best held hypothesis, the latest added among equal scores (HF's
+  stable ``sorted(...).pop()``) → (tokens (B, L), score (B,), length (B,))."""
+  k = carry.scores.shape[1]
+  for j in range(k):
+    carry = _hf_v4_add(carry, carry.running_seqs[:, j], carry.running_scores[:, j], carry.cur_len,
+                       divisors[carry.cur_len], carry.open_)
+  best = (k - 1 - jnp.argmax(jnp.where(carry.finished, carry.scores, -jnp.inf)[:, ::-1], axis=1))[:, None]
+  return _gather(carry.seqs, best)[:, 0], _gather(carry.scores, best)[:, 0], _gather(carry.lengths, best)[:, 0]
+
+
 def _check_common(max_length: int, pad_token_id: int):
   if max_length < 2:
     raise ValueError(f"max_length ({max_length}) must be >= 2")
@@ -471,9 +570,10 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
                    start_token_id: int | None = None, length_penalty: float = 1.0,
                    early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, min_length: int = 0,
                    forced_bos_token_id: int | None = None,
-                   forced_eos_token_id: int | tuple[int, ...] | None = None) -> HFDecoded:
-  """Beam search with the semantics of transformers 5.23.0 ``generate(num_beams=K, do_sample=False)`` (see the
-  section comment above); ``step_fn`` returns logits, ``init_state`` leaves have leading dim B.
+                   forced_eos_token_id: int | tuple[int, ...] | None = None, scorer: str = "v5") -> HFDecoded:
+  """Beam search with the semantics of transformers 5.23.0 ``generate(num_beams=K, do_sample=False)``, or with
+  ``scorer="v4"`` those of the 4.x ``BeamSearchScorer`` driven without ``decoder_prompt_len`` (RGRG / CT-AGRG);
+  see the section comment above. ``step_fn`` returns logits, ``init_state`` leaves have leading dim B.
 
   Args:
     prompt / start_token_id: the sequence so far, (B, L0) ints, or one start token (an encoder-decoder's
@@ -482,9 +582,15 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
     eos_token_id: one id or several (HF lists), or None; pad_token_id: the fill after each hypothesis.
     length_penalty, early_stopping (True | False | "never"), no_repeat_ngram_size, min_length,
       forced_bos_token_id, forced_eos_token_id: as HF's GenerationConfig fields (HF's global defaults here).
+    scorer: "v5" (default) — transformers 5.23.0 ``generate``; "v4" — the ``BeamSearchScorer`` of transformers
+      4.36.0–4.57.x (the same rule in all of them; 4.53.0 and 4.57.6 read) called without ``decoder_prompt_len``
+      (0: ℓ counts the prompt) and with ``max_length``, as RGRG's / CT-AGRG's generation loop does. 5.x ships no
+      ``BeamSearchScorer``; releases before 4.36 divide an EOS-ended hypothesis by its length without the EOS.
   """
   if num_beams < 1:
     raise ValueError(f"num_beams ({num_beams}) must be >= 1")
+  if scorer not in HF_BEAM_SCORERS:
+    raise ValueError(f"scorer must be one of {HF_BEAM_SCORERS}, got {scorer!r}")
   if isinstance(early_stopping, (bool, np.bool_)):
     early_stopping = bool(early_stopping)
   elif early_stopping != "never":
@@ -499,9 +605,13 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
                           _token_ids(forced_eos_token_id, "forced_eos_token_id"))
   divisors = jnp.asarray(np.array([1.0] + [float(n) ** length_penalty for n in range(1, max_length + 1)],
                                   np.float32))
-  select = functools.partial(_hf_beam_select, num_beams=k, n_keep=n_keep, eos=eos, max_length=max_length,
-                             prompt_len=l0, divisors=divisors, length_penalty=length_penalty,
-                             early_stopping=early_stopping)
+  if scorer == "v4":
+    select = functools.partial(_hf_v4_select, num_beams=k, n_keep=n_keep, eos=eos, max_length=max_length,
+                               divisors=divisors, length_penalty=length_penalty, early_stopping=early_stopping)
+  else:
+    select = functools.partial(_hf_beam_select, num_beams=k, n_keep=n_keep, eos=eos, max_length=max_length,
+                               prompt_len=l0, divisors=divisors, length_penalty=length_penalty,
+                               early_stopping=early_stopping)
 
   buf = jnp.full((b, max_length), pad_token_id, jnp.int32).at[:, :l0].set(prompt)
   seqs = jnp.broadcast_to(buf[:, None], (b, k, max_length))
@@ -527,6 +637,8 @@ def hf_beam_search(step_fn: StepFn, init_state: Any, batch_size: int, *, num_bea
     return carry, _reorder(state, parent)
 
   carry, _ = jax.lax.while_loop(lambda loop: ~loop[0].done, body, (carry, state))
+  if scorer == "v4":
+    return HFDecoded(*_hf_v4_finalize(carry, divisors), carry.cur_len - l0)
   return HFDecoded(carry.seqs[:, 0], carry.scores[:, 0], carry.lengths[:, 0], carry.cur_len - l0)
 
 

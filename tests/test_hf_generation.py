@@ -14,6 +14,8 @@ BART encoder inputs are right padded, GPT-2 prompts left padded, both with diffe
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -218,3 +220,168 @@ def test_gpt2_step_fns_prefix(gpt2):
   diff = float(np.max(np.abs(got - np.asarray(full)[:, 3:])))
   print(f"PARITY gpt2 tiny gpt2_step_fns (prefix) vs forward: max_abs={diff:.3e}")
   np.testing.assert_allclose(got, np.asarray(full)[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+# --- scorer="v4": the transformers 4.x BeamSearchScorer as RGRG / CT-AGRG drive it (ct_agrg_spec §7.1) ---------
+
+HASH_MOD = 9973  # prefix-hash table step functions: the logits row of a prefix is table[hash(prefix)]
+
+
+def _prefix_hash(tokens) -> int:
+  h = 0
+  for t in tokens:
+    h = (h * 31 + int(t) + 1) % HASH_MOD
+  return h
+
+
+def _table_step(table: np.ndarray):
+  """step_fn → logits ``table[hash(prefix)]``, state = the prefix hash (N,) int32 (start: zeros)."""
+  table = jax.numpy.asarray(table)
+
+  def step(h, tokens):
+    h = (h * 31 + tokens + 1) % HASH_MOD
+    return table[h], h
+
+  return step
+
+
+def _table(seed: int, vocab: int, rows: dict, eos: int, eos_logit: float) -> np.ndarray:
+  """Random logits (normal) with the EOS column at ``eos_logit`` and the given ``{prefix: logits row}``."""
+  table = np.random.default_rng(seed).normal(size=(HASH_MOD, vocab)).astype(np.float32)
+  table[:, eos] = eos_logit
+  hashes = [_prefix_hash(p) for p in rows]
+  assert len(set(hashes)) == len(hashes), "prefix-hash collision"
+  for prefix, row in rows.items():
+    table[_prefix_hash(prefix)] = row
+  return table
+
+
+def _v4_search(table: np.ndarray, *, num_beams: int, max_length: int, eos: int, scorer: str = "v4"):
+  return decoding.hf_beam_search(_table_step(table), np.zeros((1,), np.int32), 1, num_beams=num_beams,
+                                 max_length=max_length, eos_token_id=eos, pad_token_id=eos, start_token_id=eos,
+                                 scorer=scorer)
+
+
+def _logp(table: np.ndarray, prefix) -> np.ndarray:
+  row = table[_prefix_hash(prefix)].astype(np.float64)
+  return row - np.log(np.sum(np.exp(row - row.max()))) - row.max()
+
+
+def test_v4_beam_score_13_14():
+  """ct_agrg_spec §13.14 with 4 beams from [BOS = EOS]: a hypothesis [BOS, a, b] closed by EOS at the step where the
+  running sequence is [BOS, a, b] scores (log p(a) + log p(b) + log p(EOS | BOS a b)) / 4 (5.23: / 3); a beam that
+  never meets EOS is finalised at length 60 with S / 60 (5.23: S / 59, the generated tokens)."""
+  v, eos, a, b = 6, 5, 1, 2
+  rows = {(eos,): np.array([0, 4, 0, -0.5, -1, -8], np.float32),
+          (eos, a): np.array([0.5, 0, 4, -0.5, -1, -8], np.float32),
+          (eos, a, b): np.array([0, -0.5, 0.5, -1, 0.25, 6], np.float32)}
+  table = _table(0, v, rows, eos, -8.0)
+  total = _logp(table, [eos])[a] + _logp(table, [eos, a])[b] + _logp(table, [eos, a, b])[eos]
+  for scorer, divisor in (("v4", 4), ("v5", 3)):
+    out = _v4_search(table, num_beams=4, max_length=8, eos=eos, scorer=scorer)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0], [eos, a, b, eos] + [eos] * 4)
+    assert int(out.lengths[0]) == 4
+    np.testing.assert_allclose(float(out.scores[0]), total / divisor, rtol=1e-5)
+  table = _table(1, v, {}, eos, -30.0)  # EOS never among the top candidates
+  for scorer, divisor in (("v4", 60), ("v5", 59)):
+    out = _v4_search(table, num_beams=4, max_length=60, eos=eos, scorer=scorer)
+    tokens = np.asarray(out.tokens)[0].tolist()
+    assert tokens[0] == eos and eos not in tokens[1:] and int(out.lengths[0]) == 60 and int(out.steps) == 59
+    total = sum(_logp(table, tokens[:i])[tokens[i]] for i in range(1, 60))
+    np.testing.assert_allclose(float(out.scores[0]), total / divisor, rtol=1e-5)
+
+
+def test_v4_ties():
+  """4.x ``BeamHypotheses`` ties (2 beams, candidates of equal score ordered by flat index, as ``jax.lax.top_k``;
+  ``ref.rgrg_beam_search`` cannot be used: ``torch.topk`` orders equal values arbitrarily). Beams [BOS, 0] and
+  [BOS, 1] tie after step 1 and see the same logits row.
+  (1) max_length 3, EOS and token 0 tie in that row: ranks (beam 0: 0, EOS, beam 1: 0, EOS) → [BOS, 0, EOS] held;
+      finalisation adds [BOS, 0, 0] (fewer than 2 held), then [BOS, 1, 0] of equal score is refused (not strictly
+      better than the worst) → the latest added of the equal best: [BOS, 0, 0].
+  (2) EOS dominant: [BOS, 0, EOS] then [BOS, 1, EOS] are held with equal scores, the done test holds with equality
+      (worst ≥ best raw candidate / 3) → [BOS, 1, EOS], the later one (5.23: [BOS, 0, EOS])."""
+  v, eos = 6, 5
+  first = np.array([2, 2, 0, -0.5, -1, -3], np.float32)
+  tied = np.array([5, 1, 0.5, 0, -0.5, 5], np.float32)
+  table = _table(2, v, {(eos,): first, (eos, 0): tied, (eos, 1): tied}, eos, -3.0)
+  out = _v4_search(table, num_beams=2, max_length=3, eos=eos)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[0], [eos, 0, 0])
+  lp = _logp(table, [eos])
+  np.testing.assert_allclose(float(out.scores[0]), (lp[0] + _logp(table, [eos, 0])[0]) / 3, rtol=1e-5)
+  dominant = np.array([1, 0.5, 0, -0.5, -1, 5], np.float32)
+  table = _table(2, v, {(eos,): first, (eos, 0): dominant, (eos, 1): dominant}, eos, -3.0)
+  for scorer, want in (("v4", [eos, 1, eos]), ("v5", [eos, 0, eos])):
+    out = _v4_search(table, num_beams=2, max_length=6, eos=eos, scorer=scorer)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0], want + [eos] * 3, err_msg=scorer)
+    assert int(out.steps) == 2, scorer
+
+
+# An EOS logit offset ``shift + ramp · (tokens fed so far)`` per batch row (added on both sides, a length prior): the
+# rows end their beams at step 1 (an empty sentence), never (−30: run to max_length), or mid-way at varied lengths.
+V4_MODELS = (0, 1, 3)
+V4_EOS_OFFSETS = ((8.0, 0.0), (-30.0, 0.0), (-2.0, 0.5), (-1.0, 0.5), (-5.0, 1.0), (-3.0, 1.0), (-1.0, 1.0),
+                  (-0.5, 1.0))
+V4_MAX_LENGTH = 16
+
+
+def test_v4_matches_rgrg_beam_search(tmp_path):
+  """scorer="v4" on random tiny GPT-2s (JAX, KV-cached) from [BOS = EOS], 4 beams, max_length 16: tokens and
+  scores equal ``torch_reference.ct_agrg.rgrg_beam_search`` (RGRG's loop over the 4.53 BeamSearchScorer, §7.1) on the
+  same torch models (no cache); the sequence lengths cover EOS at step 1, mid-way and never."""
+  from torch_reference import ct_agrg as ref  # pylint: disable=g-import-not-at-top
+
+  offsets = np.asarray(V4_EOS_OFFSETS, np.float32)
+  n = len(offsets)
+  eos_column = np.arange(V) == EOS
+
+  @functools.partial(jax.jit, static_argnames="scorer")
+  def run(variables, offsets, scorer="v4"):
+    prompt = jax.numpy.full((n, 1), EOS, jax.numpy.int32)
+    step_fn, state = decoding.gpt2_step_fns(module, variables, prompt, None, V4_MAX_LENGTH)
+
+    def biased(s, tokens):
+      logits, inner = step_fn(s["gpt"], tokens)
+      fed = s["fed"] + 1
+      bias = s["offset"][:, 0] + s["offset"][:, 1] * fed
+      return logits + jax.numpy.where(eos_column, bias[:, None], 0.0), {"gpt": inner, "offset": s["offset"],
+                                                                        "fed": fed}
+
+    state = {"gpt": state, "offset": offsets, "fed": jax.numpy.zeros((n,), jax.numpy.float32)}
+    return decoding.hf_beam_search(biased, state, n, num_beams=4, max_length=V4_MAX_LENGTH, eos_token_id=EOS,
+                                   pad_token_id=PAD, prompt=prompt, scorer=scorer)
+
+  lengths, differ = set(), 0
+  for seed in V4_MODELS:
+    config = transformers.GPT2Config(**GPT2_TINY)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    _perturb(model, lambda name: ".ln_" in name or name.endswith(".bias"))
+    model.save_pretrained(tmp_path / str(seed))
+    module, variables = hf_weights.load_gpt2(tmp_path / str(seed))
+    got = run(variables, offsets)
+    tokens, scores = np.asarray(got.tokens), np.asarray(got.scores)
+    for row, (shift, ramp) in enumerate(V4_EOS_OFFSETS):
+      def next_logits(ids, shift=shift, ramp=ramp):
+        bias = torch.from_numpy(eos_column.astype(np.float32)) * np.float32(shift + ramp * ids.shape[1])
+        return model(ids).logits[:, -1] + bias
+
+      with torch.no_grad():
+        hyp, score = ref.rgrg_beam_search(next_logits, eos=EOS, num_beams=4, max_length=V4_MAX_LENGTH)
+      want = hyp + [EOS] if len(hyp) < V4_MAX_LENGTH else hyp  # 4.x finalize appends the EOS when it fits
+      np.testing.assert_array_equal(tokens[row], want + [PAD] * (V4_MAX_LENGTH - len(want)),
+                                    err_msg=f"seed {seed} row {row}")
+      assert int(got.lengths[row]) == len(want)
+      np.testing.assert_allclose(scores[row], score, rtol=1e-5, atol=1e-6, err_msg=f"seed {seed} row {row}")
+      lengths.add(len(want))
+    differ += int(np.sum(np.any(np.asarray(run(variables, offsets, "v5").tokens) != tokens, axis=1)))
+  print(f"PARITY hf_beam_search scorer=v4 vs rgrg_beam_search: {len(V4_MODELS)} models × {n} rows, sequence "
+        f"lengths {sorted(lengths)}; scorer=v5 chooses another sequence on {differ} rows")
+  assert {2, V4_MAX_LENGTH} <= lengths and len(lengths) >= 4, lengths  # EOS at step 1, mid-way, never
+
+
+def test_scorer_refused():
+  with pytest.raises(ValueError, match="scorer"):
+    decoding.hf_beam_search(_table_step(np.zeros((HASH_MOD, 4), np.float32)), np.zeros((1,), np.int32), 1,
+                            num_beams=2, max_length=4, eos_token_id=3, pad_token_id=3, start_token_id=3,
+                            scorer="v3")

@@ -58,4 +58,4 @@ def presets(name: str) -> tuple[str, ...]:
   return tuple(importlib.import_module(f"configs.{name}").PRESETS)
 
 
-from rrg_jax.models import align2gen, camanet, r2gen, radgen  # noqa: E402,F401  (register the systems)
+from rrg_jax.models import align2gen, camanet, ct_agrg, r2gen, radgen  # noqa: E402,F401  (register the systems)
