@@ -34,9 +34,9 @@ def test_staged_run_and_generate_on_the_tiny_synthetic_set(tmp_path):
   for stage in ct_agrg.STAGES:
     rows = [json.loads(x) for x in (workdir / stage / train.METRICS_FILE).read_text().splitlines()]
     epoch = [row for row in rows if row["kind"] == "epoch"][-1]
-    assert "val_macro_auc" in epoch and "test_f1_Lung_nodule" in epoch, stage
+    assert "val_macro_auc" in epoch and "val_f1_Lung_nodule" in epoch, stage
     assert (workdir / stage / checkpointing.BEST_DIR).is_dir()
-  assert "val_CE_macro_f1" in epoch and "val_BLEU_4" in epoch  # stage 2's report and clinical scores
+  assert {"val_CE_macro_f1", "val_BLEU_4", "test_CE_macro_f1", "test_f1_Lung_nodule"} <= set(epoch)  # stage 2
 
   thresholds = json.loads((workdir / "stage1" / "thresholds.json").read_text())["thresholds"]
   assert list(thresholds) == list(ct_rate.ABNORMALITIES)

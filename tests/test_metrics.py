@@ -120,3 +120,15 @@ def test_missing_java_warns_once_and_reports_the_rest(monkeypatch, recwarn):
 def test_mismatched_ids_are_an_error():
   with pytest.raises(ValueError, match="ids differ"):
     text.compute_scores({"a": "x"}, {"b": "x"})
+
+
+@pytest.mark.skipif(not text.java_available(), reason="METEOR needs Java")
+def test_meteor_reads_reports_with_control_characters_and_newlines():
+  """A generated report decoded from byte-level BPE may hold a newline or any control byte; the METEOR jar's line
+  protocol would break on it ("Error: specify SCORE or EVAL"); the texts it reads are made one line first, which
+  leaves a cleaned report unchanged."""
+  refs = {"a": "the heart is normal .", "b": "no pleural effusion ."}
+  messy = {"a": "the heart\n is\u0010 normal .", "b": "no\r\npleural effusion ."}
+  clean = {"a": "the heart is normal .", "b": "no pleural effusion ."}
+  assert text.meteor_line_safe(clean["a"]) == clean["a"]
+  assert text.compute_scores(refs, messy)["METEOR"] == pytest.approx(text.compute_scores(refs, clean)["METEOR"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import unicodedata
 import warnings
 from collections.abc import Mapping
 
@@ -31,6 +32,13 @@ def java_available() -> bool:
   return shutil.which("java") is not None
 
 
+def meteor_line_safe(text: str) -> str:
+  """``text`` as one line the METEOR jar's line protocol reads: control characters dropped (a newline would end
+  the request early — a generated report decoded from byte-level BPE can hold any byte), whitespace runs → one
+  space. Leaves the project's cleaned, single-spaced reports unchanged."""
+  return " ".join("".join(c for c in text if unicodedata.category(c) != "Cc" or c.isspace()).split())
+
+
 def _meteor(gts: dict, res: dict) -> float | None:
   global _warned_no_java
   if not java_available():
@@ -40,8 +48,9 @@ def _meteor(gts: dict, res: dict) -> float | None:
       _warned_no_java = True
     return None
   scorer = Meteor()
+  safe = lambda texts: {k: [meteor_line_safe(t) for t in v] for k, v in texts.items()}  # noqa: E731
   try:
-    return float(scorer.compute_score(gts, res)[0])
+    return float(scorer.compute_score(safe(gts), safe(res))[0])
   finally:
     del scorer  # closes the Java process
 
