@@ -71,7 +71,7 @@ def _stage(stage: str, *, synthetic: bool) -> ml_collections.ConfigDict:
     s.train.epochs = 6 if synthetic else 40
     s.train.init_from = ml_collections.ConfigDict({"take": ()})
   else:
-    s.optim.lr_all = 1e-4 if synthetic else 1e-5  # §5: lr_backbone = lr_heads = 1e-5 (one epoch)
+    s.optim.lr_all = 1e-3 if synthetic else 1e-5  # §5: lr_backbone = lr_heads = 1e-5 (one epoch)
     s.train.epochs = 3 if synthetic else 1
     s.train.init_from = ml_collections.ConfigDict({"take": ("encoder",)})
   return s
@@ -203,9 +203,9 @@ def _synthetic(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
   t.epochs = 2 if tiny else 5
   m.dropout_rate = 0.1                  # 0.5 in the code; the small synthetic widths learn little under it
   t.log_every_steps = 1
-  o.accumulate_steps = 2
+  o.accumulate_steps = 1                # 96 volumes make 24 batches an epoch: every one an update
   o.grad_scale = 1.0                    # a CPU run: the GradScaler disables itself without CUDA (§6.5)
-  o.lr_all = 1e-3
+  o.lr_all = 2e-3
   o.decay_epochs = 50
   c.eval.protocol = "stages"
   if tiny:
