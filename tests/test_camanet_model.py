@@ -265,7 +265,7 @@ def test_registry_errors():
   config = tiny_config()
   config.model.name = "nope"
   with pytest.raises(models.UnknownSystemError, match="'nope' is not a registered system; known: \\['align2gen', "
-                                                     "'camanet', 'r2gen', 'radgen'\\]"):
+                                                     "'camanet', 'ct_agrg', 'r2gen', 'radgen'\\]"):
     models.get_model(config.model)
   with pytest.raises(models.UnknownSystemError):
     models.get_system(config)
