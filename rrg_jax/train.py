@@ -488,6 +488,14 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   return progress
 
 
+def protocol_finished(config: ml_collections.ConfigDict, progress: Progress) -> bool:
+  """Whether ``run_protocol`` ran to its end: its last run's ``progress`` is done under that run's config (a staged
+  run's last stage has its own epochs)."""
+  if config.eval.get("protocol", "single") == "stages":
+    config = stage_config(config, config.train.stages[-1])
+  return progress.done(config)
+
+
 def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Progress:
   from rrg_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -546,7 +554,7 @@ def main(argv: list[str]) -> None:
     raise SystemExit(cli.error_line(e)) from None
   except cli.user_errors() as e:  # bad data, config or checkpoint: one line, no traceback
     raise SystemExit(cli.error_line(e)) from None
-  if not progress.done(_CONFIG.value):  # stopped by SIGTERM after checkpointing
+  if not protocol_finished(_CONFIG.value, progress):  # stopped by SIGTERM after checkpointing
     raise SystemExit(128 + signal.SIGTERM)
 
 

@@ -583,6 +583,9 @@ def test_stage_configs_of_a_staged_run():
   assert stage2.model.thresholds == (0.25,) * 18 and stage2.train.init_from.take == ("visual_encoder=",)
   assert stage2.data.splits.train.sentences == "train_sentences.csv" and c.model.thresholds == (0.5,) * 18
   assert train.selection_score({"epoch": 3, "val_macro_auc": None}, dict(stage2.train.selection)) == 3.0
+  done = train.Progress(epoch=1)  # the tiny chain: every stage 1 epoch, the base config 2
+  tiny = ct_agrg.get_config("tiny")
+  assert tiny.train.epochs == 2 and not done.done(tiny) and train.protocol_finished(tiny, done)
   c.stages.stage1.optim.lr_typo = 1.0
   with pytest.raises(ValueError, match="config.stages.stage1.optim.lr_typo: no such key"):
     train.stage_config(c, "stage1")
