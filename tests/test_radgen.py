@@ -129,12 +129,16 @@ def tiny_system(*, dropout: bool = True, adapter_input: str = "projected") -> Ra
   c.model.vocab_size = K
   c.model.adapter_input = adapter_input
   if not dropout:
-    m = c.model
-    m.swin.drop_path_rate = 0.0
-    m.bart.update(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    m.bert.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    m.classifier_dropout = m.fusion_dropout = 0.0
+    without_dropout(c.model)
   return RadGenSystem(c)
+
+
+def without_dropout(m) -> None:
+  """Every dropout and drop-path rate of a RadGen ``config.model`` set to 0, in place."""
+  m.swin.drop_path_rate = 0.0
+  m.bart.update(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+  m.bert.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  m.classifier_dropout = m.fusion_dropout = 0.0
 
 
 def torch_model(system: RadGenSystem, seed: int) -> RadGenTorch:

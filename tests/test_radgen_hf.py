@@ -38,7 +38,7 @@ from numerics import check
 from rrg_jax import checkpointing, convert, hf_weights, sharding
 from rrg_jax.convert import ConversionError
 from rrg_jax.models.radgen import RadGenSystem
-from test_radgen import BATCH, LABELS, SAMPLE_WEIGHT, pixel_values, state_dict, torch_model
+from test_radgen import BATCH, LABELS, SAMPLE_WEIGHT, pixel_values, state_dict, torch_model, without_dropout
 from torch_reference import radgen as torch_radgen
 from torch_reference.radgen_model import RadGenTorch
 
@@ -63,11 +63,7 @@ def hf_config(files, *, dropout: bool = False, **overrides):
   c.data.report_tokenizer, c.data.text_tokenizer = str(files["bart"]), str(files["bert"])
   c.data.max_seq_length = SEQ
   if not dropout:
-    m = c.model
-    m.swin.drop_path_rate = 0.0
-    m.bart.update(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    m.bert.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    m.classifier_dropout = m.fusion_dropout = 0.0
+    without_dropout(c.model)
   for key, value in overrides.items():
     node, *path = key.split(".")
     target = c[node]
