@@ -7,6 +7,8 @@ CLI (an official checkpoint of any registered system → inference checkpoint)::
   python -m rrg_jax.convert --torch model_best.pth --config configs/r2gen.py:iu_xray --out checkpoints/r2gen_iu
   python -m rrg_jax.convert --torch best_radgen_fold4.pth --config configs/radgen.py:radgen_code \
       --out checkpoints/radgen_code --config.data.report_tokenizer=BART_DIR --config.data.text_tokenizer=BERT_DIR
+  python -m rrg_jax.convert --torch ct_agrg_stage2.pth --config configs/ct_agrg.py:inference \
+      --out checkpoints/ct_agrg --config.data.report_tokenizer=GPT2_DIR   # also :pretrain / :stage1 checkpoints
 
 ``--config.KEY=VALUE`` overrides the config (as in train). The vocabulary: a subword tokenizer's
 (``data.report_tokenizer``), else rebuilt from the annotation's train split (the R2Gen-family systems).
@@ -334,7 +336,9 @@ def convert(torch_path: str | pathlib.Path, config, out: str | pathlib.Path,
     where = f"the vocabulary built from {annotation} (threshold {config.data.threshold})"
   if vocab_size >= 0 and tokenizer.vocab_size != vocab_size:  # −1: a checkpoint without text (a CT-AGRG stage 0/1)
     raise ConversionError(f"{torch_path} has {vocab_size} output classes but {where} has {tokenizer.vocab_size}.")
-  config.model.vocab_size = vocab_size
+  # A checkpoint without text (a CT-AGRG pre-training / stage-1 one) keeps the tokenizer's size, as training
+  # writes it: the later stages and generate read the same vocabulary.
+  config.model.vocab_size = vocab_size if vocab_size >= 0 else tokenizer.vocab_size
   variables = models.get_system(config).torch_to_variables(state_dict, str(torch_path))
   return checkpointing.save_inference(out, config, variables, tokenizer)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -353,14 +354,14 @@ def test_beam_search_matches_transformers_generate(stage2):
   assert {1, T - 1} <= all_lengths and len(all_lengths) >= 3, all_lengths  # EOS first, mid-way, never
 
 
-def gpt2_tokenizer(folder) -> subword.SubwordTokenizer:
+def gpt2_tokenizer(folder, vocab_size: int = V) -> subword.SubwordTokenizer:
   """A tiny GPT-2-family byte-level BPE with <|endoftext|>, trained here (vocab.json + merges.txt)."""
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   corpus = ["heart size is increased .", "bilateral pleural effusion .", "calcific plaques in the aorta ."] * 3
   tok.train_from_iterator(corpus, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=[ct_rate.ENDOFTEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      vocab_size=vocab_size, special_tokens=[ct_rate.ENDOFTEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False))
   tok.model.save(str(folder))
   return subword.load_tokenizer(folder)
@@ -548,10 +549,34 @@ def test_load_pretrained_gpt2_folder(stage2, tmp_path):
     system.load_pretrained(variables)
 
 
+CLI_CONFIG = """from test_ct_agrg import tiny_config
+
+
+def get_config(preset=""):
+  c = tiny_config(preset)
+  c.data.report_tokenizer = ""
+  return c
+"""
+
+
+def convert_cli(tmp_path, stage: str, model: torch.nn.Module, tokenizer_dir) -> pathlib.Path:
+  """``python -m rrg_jax.convert`` of ``model``'s state_dict (a .pth as the original code saves it) with the tiny
+  config of ``stage`` and the GPT-2 tokenizer folder as a ``--config`` override → the inference checkpoint."""
+  cfg = tmp_path / "tiny_ct_agrg.py"
+  cfg.write_text(CLI_CONFIG)
+  pth, out = tmp_path / f"{stage}.pth", tmp_path / stage
+  torch.save({"state_dict": model.state_dict(), "epoch": 3}, pth)
+  assert convert.main(["--torch", str(pth), "--config", f"{cfg}:{stage}", "--out", str(out),
+                       f"--config.data.report_tokenizer={tokenizer_dir}"]) == 0
+  return out
+
+
 def test_staged_init_is_a_prefix_copy(tmp_path):
   """The stages' trees nest (module docstring): ``checkpointing.init_from`` with take ``("encoder",)`` starts stage 1
   from a pre-training checkpoint (trunk, convs, classifier_0 and BN statistics; the heads keep their init), and
-  ``("visual_encoder=",)`` starts stage 2 from a stage-1 checkpoint (the whole tree and its BN statistics)."""
+  ``("visual_encoder=",)`` starts stage 2 from a stage-1 checkpoint (the whole tree and its BN statistics). Both
+  checkpoints come from the original layouts (§10.2, §10.3) through the convert CLI; a layout without text keeps the
+  tokenizer's vocabulary size, so ``load_inference`` accepts it."""
   from rrg_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
   tok = gpt2_tokenizer(tmp_path)
@@ -561,9 +586,11 @@ def test_staged_init_is_a_prefix_copy(tmp_path):
              "stage1": torch_visual(6, volumes(106))}
   saved = {}
   for stage, model in sources.items():
-    config = tiny_config(stage, vocab_size=tok.vocab_size)
-    saved[stage] = ct_agrg.CTAGRGSystem(config).torch_to_variables(numpy_state_dict(model), stage)
-    checkpointing.save_inference(tmp_path / stage, config, saved[stage], tok)
+    config, saved[stage], loaded_tok = checkpointing.load_inference(convert_cli(tmp_path, stage, model, tmp_path))
+    assert (config.model.stage, config.model.vocab_size, loaded_tok.vocab_size) == (stage, tok.vocab_size,
+                                                                                    tok.vocab_size)
+    want = ct_agrg.CTAGRGSystem(tiny_config(stage)).torch_to_variables(numpy_state_dict(model), stage)
+    jax.tree.map(np.testing.assert_array_equal, saved[stage], want)
 
   def fresh(stage):
     abstract = ct_agrg.CTAGRGSystem(tiny_config(stage)).abstract_variables()
@@ -581,6 +608,26 @@ def test_staged_init_is_a_prefix_copy(tmp_path):
   for collection in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, stage2[collection]["visual_encoder"], saved["stage1"][collection])
   assert np.all(stage2["params"]["language_model"]["wte"]["embedding"] == 7)
+
+
+def test_convert_cli_released_layout(reference, stage2, tmp_path):
+  """The released stage-2 layout (§10.4: canonical keys, aliases, RGRG buffers) through the convert CLI: the
+  inference checkpoint holds the converter's variables, the tokenizer of the override and its vocabulary size (the
+  checkpoint's 300 rows); a tokenizer of another size is refused naming both."""
+  from rrg_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  _, want, _ = stage2
+  tok = gpt2_tokenizer(tmp_path)
+  config, variables, loaded_tok = checkpointing.load_inference(convert_cli(tmp_path, "stage2", reference, tmp_path))
+  assert config.model.vocab_size == loaded_tok.vocab_size == tok.vocab_size == V
+  jax.tree.map(np.testing.assert_array_equal, variables, jax.device_get(want))
+  small = tmp_path / "small"
+  small.mkdir()
+  cfg = tiny_config()
+  cfg.data.report_tokenizer = str(small)
+  gpt2_tokenizer(small, V - 1)
+  with pytest.raises(ConversionError, match=rf"stage2.pth has {V} output classes but {small} has {V - 1}"):
+    convert.convert(tmp_path / "stage2.pth", cfg, tmp_path / "refused")
 
 
 # --- full size (no compute) -------------------------------------------------------------------------------------
