@@ -63,6 +63,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 0    # also save mid-epoch every N steps (0 = only at epoch ends)
   c.train.eval_splits = ("val", "test")
+  c.train.eval_every_epochs = 1          # score eval_splits every N epochs (and always after the last)
   c.train.max_eval_examples = -1        # -1 = whole split
   # Model selection: score = Σ weight · epoch-row value (val_* scores); improved if greater (or equal with ties).
   c.train.selection = ml_collections.ConfigDict({"val_BLEU_4": 1.0})

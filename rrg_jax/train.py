@@ -356,7 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
         row = {"epoch": epoch + 1,
                **{f"train_{k}": v / max(progress.loss_steps, 1) for k, v in progress.loss_sums.items()}}
-        for split in config.train.eval_splits:
+        every_epochs = int(config.train.get("eval_every_epochs", 1))
+        scored = (epoch + 1) % every_epochs == 0 or epoch + 1 == config.train.epochs
+        for split in config.train.eval_splits if scored else ():  # selection sees scored epochs only
           scores, reports = evaluate.evaluate_split(system, state.variables(), tokenizer,
                                                     loader.eval_batches(config, tokenizer, split), mesh=mesh,
                                                     progress=main, plot_dir=workdir / PLOTS_DIR,

@@ -5,7 +5,7 @@ Checked: one sub-workdir per stage with its best model and scores; stage 1 hands
 to stage 2 (``thresholds.json`` = stage 2's ``model.thresholds``); stage 2 starts from stage 1's model and leaves the
 frozen visual encoder's parameters unchanged while its BatchNorm statistics move (``encoder_mode_stage2 =
 train``); reports with the thresholds' predictions; ``generate`` prints 18 probabilities and a report and writes
-the slice montage; a volume given to an X-ray model's generate and vice versa is a one-line error."""
+the slice montage; ``train.eval_every_epochs`` skips the scoring of the epochs between; a volume given to an X-ray model's generate and vice versa is a one-line error."""
 
 from __future__ import annotations
 
@@ -28,9 +28,14 @@ from rrg_jax import checkpointing, train
 def test_staged_run_and_generate_on_the_tiny_synthetic_set(tmp_path):
   env = {**os.environ, "RRG_JAX_DATA": str(tmp_path / "data")}
   workdir = tmp_path / "run"
+  # Pre-training runs 2 epochs scored every 2nd (train.eval_every_epochs): its first epoch is not scored.
   r = subprocess.run([sys.executable, "-m", "rrg_jax.train", "--config=configs/ct_agrg.py:tiny",
-                      f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True)
+                      f"--workdir={workdir}", "--config.stages.pretrain.train.epochs=2",
+                      "--config.train.eval_every_epochs=2"], cwd=REPO, env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
+  pretrain = [json.loads(x) for x in (workdir / "pretrain" / train.METRICS_FILE).read_text().splitlines()]
+  scored = [(row["epoch"], "val_macro_auc" in row, "best_epoch" in row) for row in pretrain if row["kind"] == "epoch"]
+  assert scored == [(1, False, False), (2, True, True)]
   for stage in ct_agrg.STAGES:
     rows = [json.loads(x) for x in (workdir / stage / train.METRICS_FILE).read_text().splitlines()]
     epoch = [row for row in rows if row["kind"] == "epoch"][-1]
