@@ -273,6 +273,11 @@ def test_remat_same_values_and_gradients():
   kept = {k: residual_bytes(lambda q, n=n: loss(n, q), variables["params"]) for k, n in (("remat", remat),
                                                                                          ("plain", fnet))}
   assert kept["remat"] < 0.8 * kept["plain"]
+  # The stem is rematerialised too: nothing at conv1's full resolution (32 × 32 for 64-pixel images) is kept.
+  residuals = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(lambda q: loss(remat, q), p)[1]), variables["params"])
+  assert not [r.shape for r in residuals if r.ndim == 4 and r.shape[1:3] == (32, 32)]
+  assert [r.shape for r in jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(lambda q: loss(fnet, q), p)[1]),
+                                          variables["params"]) if r.ndim == 4 and r.shape[1:3] == (32, 32)]
   l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(fnet, p)))(variables["params"])
   l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
   np.testing.assert_allclose(l1, l0, rtol=1e-6)

@@ -107,7 +107,8 @@ class ResNet(nn.Module):
   (B, 7, 7, 512) for ResNet-18/34 and (B, 7, 7, 2048) for 50/101/152 (C = ``resnet_channels``).
 
   ``depth`` ∈ ``RESNET_LAYERS``; ``widths`` are the four stages' planes (conv1/bn1 output widths[0]; default =
-  torchvision's); ``remat`` rematerialises each residual block; ``dtype`` is the compute dtype (params and BN
+  torchvision's); ``remat`` rematerialises the stem (conv1 → bn1 → ReLU → max-pool, whose full-resolution
+  activations dominate for large images) and each residual block; ``dtype`` is the compute dtype (params and BN
   statistics stay float32).
   """
   depth: int = 50
@@ -122,11 +123,16 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet widths must have 4 entries (one per stage), got {tuple(self.widths)}.")
     block_cls = Bottleneck if is_bottleneck(self.depth) else BasicBlock
     expansion = block_cls.expansion
-    if self.remat:
+
+    def stem(module: ResNet, x: jax.Array) -> jax.Array:  # conv1, bn1 as children of ``module``
+      x = _conv(module.widths[0], 7, 2, 3, module.dtype, "conv1")(x.astype(module.dtype))
+      x = nn.relu(BatchNorm(dtype=module.dtype, name="bn1")(x, train))
+      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    if self.remat:  # the stem's full-resolution activations too: only its input and output are kept
       block_cls = nn.remat(block_cls, static_argnums=(2,))
-    x = _conv(self.widths[0], 7, 2, 3, self.dtype, "conv1")(x.astype(self.dtype))
-    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      stem = nn.remat(stem)
+    x = stem(self, x)
     inplanes = self.widths[0]
     for stage, (n, planes) in enumerate(zip(layers, self.widths)):
       for i in range(n):
