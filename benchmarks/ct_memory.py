@@ -7,7 +7,9 @@ For each stage (``pretrain``, ``stage1``, ``stage2`` at the original recipe's ba
 system's loss, the frozen groups without gradient, the optimiser with its accumulation, donated state; volumes
 240 × 480 × 480, ResNet-18, GPT-2 medium) is lowered from ``jax.ShapeDtypeStruct`` s and compiled for the local
 backend, and ``compiled.memory_analysis()`` is printed: arguments, outputs, temporaries, the aliased (donated)
-bytes and their total (arguments + outputs + temporaries − aliased), in GiB. On a CPU this is XLA:CPU's plan — the
+bytes and their total (arguments + outputs + temporaries − aliased), in GiB, and ``residuals``: the arrays the
+backward pass keeps (``jax.vjp``'s residuals of the step's loss, from shapes alone — the part bfloat16 and remat act
+on, whatever a backend's scheduler then makes of them). On a CPU this is XLA:CPU's plan — the
 same program on a GPU plans differently (fusion, layouts), so treat it as an estimate; with a GPU the numbers are
 the GPU's. Compilation of the full model takes minutes on 2 CPU cores.
 """
@@ -53,6 +55,12 @@ def planned_memory(stage: str, dtype: str, remat: bool, batch: int) -> dict[str,
   parts = {k: v / GIB for k, v in parts.items()}
   parts["total"] = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
   parts["compile_s"] = seconds
+  # What the backward pass keeps (jax.vjp's residuals; shapes only, backend-independent): where bf16 and remat act.
+  cut = optim.without_gradient(config, optim.frozen_groups(config, 0))
+  residuals = jax.eval_shape(lambda p, stats, batch: jax.tree.leaves(jax.vjp(
+      lambda q: ts.training_loss(system, cut(q), stats, batch, jax.random.key(0))[0], p)[1]),
+      state.params, state.batch_stats, inputs)
+  parts["residuals"] = sum(r.size * r.dtype.itemsize for r in residuals) / GIB
   return parts
 
 
@@ -66,14 +74,14 @@ def main() -> None:
 
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); GiB as XLA plans them")
   print(f"{'stage':8s} {'variant':11s} {'batch':>5s} {'args':>8s} {'outputs':>8s} {'temps':>8s} {'aliased':>8s} "
-        f"{'total':>8s} {'compile s':>9s}")
+        f"{'total':>8s} {'residuals':>9s} {'compile s':>9s}")
   for stage in args.stages.split(","):
     for variant in args.variants.split(","):
       dtype, remat = VARIANTS[variant]
       batch = args.batch or BATCH[stage]
       m = planned_memory(stage, dtype, remat, batch)
       print(f"{stage:8s} {variant:11s} {batch:5d} {m['arguments']:8.2f} {m['outputs']:8.2f} {m['temporaries']:8.2f} "
-            f"{m['aliased']:8.2f} {m['total']:8.2f} {m['compile_s']:9.1f}", flush=True)
+            f"{m['aliased']:8.2f} {m['total']:8.2f} {m['residuals']:9.2f} {m['compile_s']:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

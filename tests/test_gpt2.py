@@ -315,6 +315,31 @@ def test_dropout_and_dtype(tiny):
   assert err < 0.05
 
 
+def test_remat_same_loss_gradients_fewer_residuals(tiny):
+  """``remat``: the same params, loss and gradients (dropout on: the same draws), while the backward pass keeps only
+  the blocks' inputs (jax.vjp's residuals, shapes only)."""
+  from numerics import residual_bytes  # pylint: disable=g-import-not-at-top
+
+  _, _, _, _, psa_folder = tiny
+  module, variables = hf_weights.load_gpt2(psa_folder, pseudo_self_attention=True)
+  remat = GPT2LMHeadModel(module.config, pseudo_self_attention=True, remat=True)
+  ids, mask, z = inputs(TINY, 2, 8, [8, 5], seed=12)
+
+  def loss(net, params):
+    out = net.apply({"params": params}, ids, mask, prefix=z, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(jax.nn.log_softmax(out["logits"])[..., 0])
+
+  assert jax.tree.structure(remat.init(jax.random.key(0), ids, mask, prefix=z)) == jax.tree.structure(variables)
+  l0, g0 = jax.value_and_grad(lambda p: loss(module, p))(variables["params"])
+  l1, g1 = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+  kept = {name: residual_bytes(lambda p, n=net: loss(n, p), variables["params"])
+          for name, net in (("remat", remat), ("plain", module))}
+  print(f"gpt2 tiny residuals: remat {kept['remat']} B, plain {kept['plain']} B")
+  assert kept["remat"] < 0.6 * kept["plain"]
+
+
 def test_prefix_argument_checks(tiny):
   _, folder, _, _, psa_folder = tiny
   module, variables = hf_weights.load_gpt2(folder)

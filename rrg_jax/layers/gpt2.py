@@ -219,7 +219,7 @@ class GPT2Block(nn.Module):
   def _mlp(self, x: jax.Array, deterministic: bool) -> jax.Array:
     return x + self.mlp(self.ln_2(x), deterministic=deterministic)
 
-  def __call__(self, x: jax.Array, attention_mask: jax.Array | None, prefix: jax.Array | None, *,
+  def __call__(self, x: jax.Array, attention_mask: jax.Array | None, prefix: jax.Array | None,
                deterministic: bool) -> jax.Array:
     x = x + self.attn(self.ln_1(x), attention_mask, prefix, deterministic=deterministic)
     return self._mlp(x, deterministic)
@@ -265,6 +265,7 @@ class GPT2LMHeadModel(nn.Module):
     mask_mode: "hf" or "rgrg" (see ``mask_scores``).
     prefix_dim: Dz, the width of ``prefix`` (None = n_embd); fixes the uk/uv kernel shapes at init.
     dtype: compute dtype (params float32; softmax, LayerNorm statistics and logits float32).
+    remat: rematerialise each block in the backward pass (only the blocks' inputs are kept); same params.
   """
   config: GPT2Config
   pseudo_self_attention: bool = False
@@ -272,6 +273,7 @@ class GPT2LMHeadModel(nn.Module):
   mask_mode: str = "hf"
   prefix_dim: int | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
     if self.position_table not in POSITION_TABLES:
@@ -282,7 +284,8 @@ class GPT2LMHeadModel(nn.Module):
     self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=_normal)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, embedding_init=_normal)
     self.drop = nn.Dropout(c.embd_pdrop)
-    self.h = [GPT2Block(c, self.pseudo_self_attention, self.mask_mode, self.dtype) for _ in range(c.n_layer)]
+    block = nn.remat(GPT2Block, static_argnums=(4,)) if self.remat else GPT2Block  # (self, x, mask, prefix, det)
+    self.h = [block(c, self.pseudo_self_attention, self.mask_mode, self.dtype) for _ in range(c.n_layer)]
     self.ln_f = _layer_norm(c, self.dtype)
 
   def _check_prefix(self, prefix: jax.Array | None):
@@ -322,7 +325,7 @@ class GPT2LMHeadModel(nn.Module):
       raise ValueError(f"sequence length {t} > n_positions {self.config.n_positions}")
     x = self.embed(input_ids, jnp.broadcast_to(jnp.arange(t)[None], input_ids.shape), deterministic=deterministic)
     for block in self.h:
-      x = block(x, attention_mask, prefix, deterministic=deterministic)
+      x = block(x, attention_mask, prefix, deterministic)
     x = self.ln_f(x)
     return {"logits": self.head(x), "last_hidden_state": x}
 

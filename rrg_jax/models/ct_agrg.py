@@ -144,10 +144,11 @@ def report_loss(lm_logits: jax.Array, targets: jax.Array, masks: jax.Array, vali
 
 # --- modules ----------------------------------------------------------------------------------------------------
 
-def gpt2_module(config: GPT2Config, position_table: str, mask_mode: str, dtype: Any) -> GPT2LMHeadModel:
+def gpt2_module(config: GPT2Config, position_table: str, mask_mode: str, dtype: Any, remat: bool = False
+                ) -> GPT2LMHeadModel:
   """CT-AGRG's GPT-2 (§6.3): pseudo self-attention with a prefix of width ``n_embd``."""
   return GPT2LMHeadModel(config, pseudo_self_attention=True, position_table=position_table, mask_mode=mask_mode,
-                         prefix_dim=config.n_embd, dtype=dtype)
+                         prefix_dim=config.n_embd, dtype=dtype, remat=remat)
 
 
 class LanguageModel(nn.Module):
@@ -160,9 +161,10 @@ class LanguageModel(nn.Module):
   position_table: str = "wte"
   mask_mode: str = "rgrg"
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.gpt = gpt2_module(self.gpt2, self.position_table, self.mask_mode, self.dtype)
+    self.gpt = gpt2_module(self.gpt2, self.position_table, self.mask_mode, self.dtype, self.remat)
     nn.share_scope(self, self.gpt)
     self.feature_space_transformation_nn = ctnet.BlockConditioning(
         self.num_abnormalities, self.conditioning, tuple(self.fst_hidden), self.gpt2.n_embd, self.dtype)
@@ -223,7 +225,7 @@ class CTAGRG(nn.Module):
       return
     self.visual_encoder = detector
     self.language_model = LanguageModel(self.gpt2, self.num_abnormalities, tuple(self.fst_hidden), self.conditioning,
-                                        self.position_table, self.mask_mode, dtype)
+                                        self.position_table, self.mask_mode, dtype, self.remat)
 
   def detect(self, volumes: jax.Array, train: bool = False) -> tuple[jax.Array | None, jax.Array]:
     """volumes (B, D, H, W) → (H (B, K, d) or None (pretrain), logits (B, K) float32). ``train``: BN batch
