@@ -31,7 +31,7 @@ def test_staged_run_and_generate_on_the_tiny_synthetic_set(tmp_path):
   # Pre-training runs 2 epochs scored every 2nd (train.eval_every_epochs): its first epoch is not scored.
   r = subprocess.run([sys.executable, "-m", "rrg_jax.train", "--config=configs/ct_agrg.py:tiny",
                       f"--workdir={workdir}", "--config.stages.pretrain.train.epochs=2",
-                      "--config.train.eval_every_epochs=2"], cwd=REPO, env=env, capture_output=True, text=True)
+                      "--config.stages.pretrain.train.eval_every_epochs=2"], cwd=REPO, env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   pretrain = [json.loads(x) for x in (workdir / "pretrain" / train.METRICS_FILE).read_text().splitlines()]
   scored = [(row["epoch"], "val_macro_auc" in row, "best_epoch" in row) for row in pretrain if row["kind"] == "epoch"]
