@@ -75,7 +75,8 @@ told apart by their own CSVs (the loader keeps only the files its labels CSV lis
 the test split. ``dataset_paths`` gives each split's folder, CSVs and the tokenizer folder. Labels: in each split a
 fraction ``healthy_fraction`` of the volumes has no finding; each rendered abnormality is then given to exactly
 ``round(p · N)`` of the other volumes, drawn independently per abnormality, so its prevalence is ``p`` in every
-split. The default set (144 volumes of 48 × 192 × 192) takes ~16 s on one core and ~43 MB.
+split. The default set (144 volumes of 48 × 192 × 192) takes ~16 s on one core and ~43 MB; the CT-AGRG config asks
+for 24 × 192 × 192.
 
 Stage-2 text (§2.6, §9): each split's sentences CSV is written by the §9.3 rule extractor
 (``input_pipeline.ct_sentences.build_sentences_csv``: one row per label-positive abnormality with a matching
