@@ -28,6 +28,7 @@ def config(root, stage: str = "stage2"):
   c.data.report_tokenizer = str(root / ct_examples.TOKENIZER_DIR)
   c.data.splits = ct_agrg._splits(sentences=stage == "stage2")  # pylint: disable=protected-access
   c.train.batch_size = 2
+  c.data.shuffle = False  # the code's sorted file order (the synthetic recipe shuffles)
   return c
 
 
