@@ -226,6 +226,15 @@ class _Throughput:
     return self._steps * self.global_batch / max(time.perf_counter() - self._t0, 1e-9)
 
 
+def scored_epoch(t: ml_collections.ConfigDict, epoch: int) -> bool:
+  """Whether the 1-based ``epoch`` scores ``t.eval_splits``: every ``t.eval_every_epochs``-th and the last (model
+  selection and early stopping see only these)."""
+  every = int(t.get("eval_every_epochs", 1))
+  if every < 1:
+    raise ValueError(f"config.train.eval_every_epochs={every}: must be at least 1 (score every N-th epoch).")
+  return epoch % every == 0 or epoch == int(t.epochs)
+
+
 def _select(progress: Progress, row: dict[str, Any], t: ml_collections.ConfigDict) -> tuple[Progress, bool]:
   """Applies model selection / early stopping (``config.train``) to the epoch's scores; adds the outcome to
   ``row``."""
@@ -356,9 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
         row = {"epoch": epoch + 1,
                **{f"train_{k}": v / max(progress.loss_steps, 1) for k, v in progress.loss_sums.items()}}
-        every_epochs = int(config.train.get("eval_every_epochs", 1))
-        scored = (epoch + 1) % every_epochs == 0 or epoch + 1 == config.train.epochs
-        for split in config.train.eval_splits if scored else ():  # selection sees scored epochs only
+        for split in config.train.eval_splits if scored_epoch(config.train, epoch + 1) else ():
           scores, reports = evaluate.evaluate_split(system, state.variables(), tokenizer,
                                                     loader.eval_batches(config, tokenizer, split), mesh=mesh,
                                                     progress=main, plot_dir=workdir / PLOTS_DIR,

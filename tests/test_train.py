@@ -570,6 +570,16 @@ def test_staged_training_starts_from_a_checkpoint_with_a_frozen_group(tmp_path):
   assert moved > 1e-5  # the unfrozen group trained (and started from a different init than stage 1's)
 
 
+def test_scored_epochs_every_n_and_the_last():
+  t = ml_collections.ConfigDict({"epochs": 7, "eval_every_epochs": 3})
+  assert [e for e in range(1, 8) if train.scored_epoch(t, e)] == [3, 6, 7]
+  t.eval_every_epochs = 1
+  assert all(train.scored_epoch(t, e) for e in range(1, 8))
+  t.eval_every_epochs = 0
+  with pytest.raises(ValueError, match="eval_every_epochs=0: must be at least 1"):
+    train.scored_epoch(t, 1)
+
+
 def test_stage_configs_of_a_staged_run():
   """``eval.protocol = "stages"``: each stage's config is the base config with ``config.stages.<stage>`` set on it
   (nested keys; an unknown key is an error) and the earlier stages' hand-over values; ``stages`` itself is gone."""
