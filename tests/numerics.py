@@ -40,10 +40,14 @@ def check(name: str, got, want, *, rtol: float | None = None, atol: float | None
   return diff
 
 
-def residual_bytes(loss_fn, params) -> int:
-  """Bytes of the arrays the backward pass of ``loss_fn(params)`` keeps (what ``jax.vjp`` closes over; shapes
-  only, nothing is computed)."""
+def residuals(loss_fn, params) -> list:
+  """The arrays (``ShapeDtypeStruct`` s) the backward pass of ``loss_fn(params)`` keeps: what ``jax.vjp`` closes
+  over; shapes only, nothing is computed."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  res = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss_fn, p)[1]), params)
-  return sum(r.size * r.dtype.itemsize for r in res)
+  return jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss_fn, p)[1]), params)
+
+
+def residual_bytes(loss_fn, params) -> int:
+  """Bytes of ``residuals(loss_fn, params)``."""
+  return sum(r.size * r.dtype.itemsize for r in residuals(loss_fn, params))
